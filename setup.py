@@ -1,0 +1,67 @@
+"""Spectron-JAX: a spoken language model on spectrograms (arXiv 2305.15255) in JAX/Flax.
+
+Ranges here; the exact versions CI installs with are in `constraints.txt`.
+"""
+
+import setuptools
+
+setuptools.setup(
+    name="spectron-jax",
+    version="0.1.0",
+    description="Spectron: speech in, speech out, on spectrograms, in JAX/Flax (T5X-style trainer).",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=setuptools.find_packages(include=["spectron_jax", "spectron_jax.*"])
+    + ["spectron_tasks"],
+    # `tasks/` is imported as `spectron_tasks`, a name that cannot clash once pip-installed.
+    package_dir={"spectron_tasks": "tasks"},
+    package_data={
+        "spectron_jax": ["assets/*.model", "assets/*.vocab"],
+    },
+    include_package_data=True,
+    install_requires=[
+        "jax>=0.10,<0.11",
+        "jaxlib>=0.10,<0.11",
+        "flax>=0.12,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12,<0.13",
+        "tensorstore>=0.1.86",
+        "seqio>=0.0.20",
+        "tensorflow>=2.21,<2.22",
+        "tensorflow-text>=2.21,<2.22",
+        "tensorflow-datasets>=4.9.10,<5",
+        "tensorboard>=2.21,<2.22",
+        "ml-collections>=1.1,<2",
+        "gin-config>=0.5,<0.6",
+        "clu>=0.0.12",
+        "sentencepiece>=0.2,<0.3",
+        "safetensors>=0.4",
+        "soundfile>=0.12",
+        "soxr>=0.3",
+        "espeakng-loader>=0.2.4",
+        "jiwer>=3.0",
+        "matplotlib>=3.7",
+        "tqdm>=4.60",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        # Test-only: librosa as the spectrogram reference; torch (CPU build pinned in
+        # constraints.txt) + transformers for weight-conversion parity tests.
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3",
+            "ruff>=0.6",
+            "librosa>=0.10",
+            "torch>=2.4",
+            "transformers>=4.50",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "spectron=spectron_jax.cli:main",
+            "spectron-train=spectron_jax.train:console_main",
+        ],
+    },
+)

@@ -1,0 +1,1 @@
+"""Audio front end: file I/O and validation, log-mel spectrograms, vocoders."""
