@@ -83,6 +83,18 @@ class SpectrogramConfig:
         """Samples a vocoder makes from `num_frames` frames (hop_length each)."""
         return num_frames * self.hop_length
 
+    # The encoder front-end protocol (also met by the w2v-BERT fbank front end): `sample_rate`,
+    # `feature_dim`, `features_numpy(float32[T]) -> float32[T', F]` and `features_tf(...)`.
+    @property
+    def feature_dim(self) -> int:
+        return self.n_mels
+
+    def features_numpy(self, waveform: np.ndarray) -> np.ndarray:
+        return log_mel_numpy(waveform, self)
+
+    def features_tf(self, waveform):
+        return log_mel_tf(waveform, self)
+
 
 def check_compatible(expected: SpectrogramConfig, actual: SpectrogramConfig, what: str) -> None:
     """Raises ValueError naming both configs when two components disagree on the spectrogram."""
