@@ -143,7 +143,15 @@ def write_wav(path: str | os.PathLike, waveform: np.ndarray, sample_rate: int) -
         raise ValueError(f"write_wav expects mono float32[T], got shape {waveform.shape}")
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    sf.write(tmp, np.clip(np.nan_to_num(waveform), -1.0, 1.0), sample_rate, subtype="PCM_16",
-             format="WAV")
-    os.replace(tmp, path)
+    # A unique temporary beside the target (same file system, so os.replace is atomic); removed
+    # if writing fails, so neither a half-written target nor a stray temporary is ever left.
+    # (The pid keeps two processes writing the same path apart; mkstemp would make it 0600.)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        sf.write(tmp, np.clip(np.nan_to_num(waveform), -1.0, 1.0), sample_rate,
+                 subtype="PCM_16", format="WAV")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
