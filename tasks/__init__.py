@@ -1,4 +1,38 @@
 """seqio tasks for Spectron, importable as `spectron_tasks`.
 
-Importing this package registers every task with seqio's TaskRegistry.
+Importing this package registers every task with seqio's TaskRegistry:
+
+| task | splits | source |
+|---|---|---|
+| `spectron_synthetic_counting` | train, validation, validation_unseen_voices | eSpeak NG, offline |
+| `spectron_fsdd_counting` | train, test (takes 0-4) | ../shared/data/fsdd |
+| `spectron_llama_questions` | test | ../shared/data/llama_questions |
+| `spectron_librispeech` | TFDS librispeech splits | TFDS (downloads at first use) |
+
+Data folders are read only when a dataset is built, so importing works on any machine. To
+register a variant (another front end, target spectrogram, vocabulary, size or folder), call the
+module's `register(name, ...)`; `speech_task.register_speech_task` takes any raw-audio source.
 """
+
+from spectron_tasks import (
+    fsdd_counting,
+    librispeech,
+    llama_questions,
+    speech_task,
+    synthetic_counting,
+    vocabulary,
+)
+
+synthetic_counting.register()
+fsdd_counting.register()
+llama_questions.register()
+librispeech.register()
+
+__all__ = [
+    "fsdd_counting",
+    "librispeech",
+    "llama_questions",
+    "speech_task",
+    "synthetic_counting",
+    "vocabulary",
+]
