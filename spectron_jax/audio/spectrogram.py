@@ -179,7 +179,7 @@ def _frame_indices(config: SpectrogramConfig, num_padded: int) -> np.ndarray:
 
 
 def _log_mel_from_frames(xp, frames, config: SpectrogramConfig):
-    """Shared numpy/JAX tail: [..., frames, n_fft] windowed frames -> [..., frames, n_mels]."""
+    """[..., frames, n_fft] frames -> [..., frames, n_mels] with array module `xp` (jnp here)."""
     spectrum = xp.abs(xp.fft.rfft(frames * analysis_window(config), axis=-1))
     if config.power == 2.0:
         spectrum = spectrum**2
@@ -188,13 +188,26 @@ def _log_mel_from_frames(xp, frames, config: SpectrogramConfig):
 
 
 def log_mel_numpy(waveform: np.ndarray, config: SpectrogramConfig) -> np.ndarray:
-    """float32[..., T] -> float32[..., 1 + T // hop, n_mels] (centred). Pure numpy."""
+    """float32[..., T] -> float32[..., 1 + T // hop, n_mels] (centred). numpy + scipy.fft.
+
+    Frames are a strided view (no copy) and the FFT runs on all cores: this path is what single-file
+    inference uses, and it must be at least as fast as librosa (benchmarks/data_pipeline.py).
+    """
+    import scipy.fft
+
     waveform = np.asarray(waveform, dtype=np.float32)
     if config.center:
         pad = [(0, 0)] * (waveform.ndim - 1) + [(config.n_fft // 2, config.n_fft // 2)]
         waveform = np.pad(waveform, pad, mode="reflect")
-    frames = waveform[..., _frame_indices(config, waveform.shape[-1])]
-    return _log_mel_from_frames(np, frames, config).astype(np.float32)
+    frames = np.lib.stride_tricks.sliding_window_view(waveform, config.n_fft, axis=-1)
+    frames = frames[..., :: config.hop_length, :]  # [..., frames, n_fft]
+    spectrum = np.abs(scipy.fft.rfft(frames * analysis_window(config), axis=-1, workers=-1))
+    if config.power == 2.0:
+        spectrum = spectrum**2
+    # A 2-D matmul: numpy's batched 3-D matmul is several times slower here.
+    mel = spectrum.reshape(-1, spectrum.shape[-1]) @ mel_filter_bank(config)
+    mel = mel.reshape(spectrum.shape[:-1] + (config.n_mels,))
+    return (np.log(np.maximum(mel, config.log_floor)) / np.log(config.log_base)).astype(np.float32)
 
 
 def log_mel_jax(waveform, config: SpectrogramConfig):
