@@ -1,0 +1,349 @@
+"""Orbax checkpoints: save policy, keep policy, resume order, and partial init.
+
+Each checkpoint step directory holds three items:
+  state/   the `TrainState` (sharded arrays; async save),
+  data/    JSON {"batches_consumed": n, "seed": s}: the data-iterator position, so a resumed run
+           skips exactly the batches it already trained on,
+  config/  JSON model config (whatever the caller passes, e.g. `dataclasses.asdict(config)`).
+
+Orbax writes a step into a `*.orbax-checkpoint-tmp-*` directory and renames it when complete, so a
+process killed mid-save leaves only a tmp directory, which step listing ignores: resuming always
+finds the previous complete step. A step that is complete on disk but unreadable (truncated files)
+is skipped with a warning in favour of the one before it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
+
+import gin
+
+PyTree = Any
+logger = logging.getLogger(__name__)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """When to save and what to keep.
+
+    Attributes:
+      every_steps: save when step % every_steps == 0 (0 = never by step count).
+      every_minutes: also save when this many minutes passed since the last save (0 = off).
+      keep_last: keep the newest K checkpoints.
+      keep_every: additionally keep every checkpoint whose step is a multiple of M (0 = off).
+      async_save: write in a background thread while training continues.
+    """
+
+    every_steps: int = 1000
+    every_minutes: float = 0.0
+    keep_last: int = 3
+    keep_every: int = 0
+    async_save: bool = True
+
+
+@dataclasses.dataclass
+class Restored:
+    """What `Checkpointer.restore_latest` found."""
+
+    step: int
+    state: PyTree
+    data: dict[str, Any]
+    config: dict[str, Any] | None
+
+
+class Checkpointer:
+    """Thin policy layer over `ocp.CheckpointManager` (one per model dir)."""
+
+    def __init__(
+        self,
+        directory: str | epath.Path,
+        config: CheckpointConfig | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        """Opens (or creates) the checkpoint directory.
+
+        Args:
+          directory: the model dir's checkpoint directory.
+          config: save / keep policy.
+          clock: seconds, injectable so time-based saving is testable.
+        """
+        self.directory = epath.Path(directory)
+        self.config = config or CheckpointConfig()
+        self.clock = clock
+        self._last_save_time = clock()
+        policies: list[Any] = [ocp.checkpoint_managers.LatestN(max(self.config.keep_last, 1))]
+        if self.config.keep_every > 0:
+            policies.append(ocp.checkpoint_managers.EveryNSteps(self.config.keep_every))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+            enable_async_checkpointing=self.config.async_save,
+            create=True,
+            cleanup_tmp_directories=True,
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory, item_names=("state", "data", "config"), options=options
+        )
+
+    # -- saving ----------------------------------------------------------------------------------
+
+    def should_save(self, step: int) -> bool:
+        """Step- or time-based decision, identical on every process."""
+        cfg = self.config
+        due = cfg.every_steps > 0 and step % cfg.every_steps == 0
+        if cfg.every_minutes > 0:
+            timed = self.clock() - self._last_save_time >= cfg.every_minutes * 60
+            if jax.process_count() > 1:
+                # Host clocks differ; process 0 decides so that all processes enter the save.
+                timed = bool(multihost_utils.broadcast_one_to_all(np.asarray(timed)))
+            due = due or timed
+        return due
+
+    def save(
+        self,
+        step: int,
+        state: PyTree,
+        data: Mapping[str, Any],
+        model_config: Mapping[str, Any] | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Saves the state, data position and model config if the policy says so (or `force`).
+
+        Args:
+          step: the number of optimizer steps taken (the checkpoint's name).
+          state: the train state (sharded arrays).
+          data: the data-iterator position, JSON-serialisable.
+          model_config: the model config, JSON-serialisable.
+          force: save regardless of the policy.
+
+        Returns:
+          True if a save was started.
+        """
+        if step in self.manager.all_steps():
+            return False
+        if not (force or self.should_save(step)):
+            return False
+        saved = self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(dict(data)),
+                config=ocp.args.JsonSave(dict(model_config or {})),
+            ),
+            force=True,
+        )
+        self._last_save_time = self.clock()
+        logger.info("checkpoint: saving step %d to %s", step, self.directory)
+        return saved
+
+    def wait(self) -> None:
+        """Blocks until a background save is on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    # -- restoring ------------------------------------------------------------------------------
+
+    def steps(self) -> list[int]:
+        """Complete checkpoint steps on disk, oldest first (unfinished saves excluded)."""
+        self.manager.reload()
+        return sorted(self.manager.all_steps())
+
+    def latest_good_step(self) -> int | None:
+        """The newest step whose save has finished (the one a failure message should name)."""
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def restore(self, step: int, abstract_state: PyTree) -> Restored:
+        """Restores one step onto the shardings of `abstract_state` (ShapeDtypeStructs)."""
+        out = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=ocp.args.JsonRestore(),
+                config=ocp.args.JsonRestore(),
+            ),
+        )
+        return Restored(step=step, state=out.state, data=dict(out.data), config=out.config)
+
+    def restore_latest(self, abstract_state: PyTree) -> Restored | None:
+        """Newest readable checkpoint; unreadable ones are skipped with a warning.
+
+        Returns:
+          The restored checkpoint, or None when the directory holds no readable one.
+        """
+        for step in reversed(self.steps()):
+            try:
+                return self.restore(step, abstract_state)
+            except Exception as err:  # noqa: BLE001 - any read failure means "try the previous"
+                logger.warning(
+                    "checkpoint: step %d in %s is unreadable (%s: %s); falling back to the "
+                    "previous checkpoint",
+                    step,
+                    self.directory,
+                    type(err).__name__,
+                    str(err).splitlines()[0][:300],
+                )
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Resume order and partial init
+# ----------------------------------------------------------------------------------------------
+
+
+def _get_path(tree: Mapping[str, Any], path: str) -> Any:
+    node: Any = tree
+    for key in path.strip("/").split("/"):
+        if not isinstance(node, Mapping) or key not in node:
+            raise KeyError(f"path {path!r}: no key {key!r} (have {sorted(node)[:20]})")
+        node = node[key]
+    return node
+
+
+def _set_path(tree: dict[str, Any], path: str, value: Any) -> None:
+    keys = path.strip("/").split("/")
+    node = tree
+    for key in keys[:-1]:
+        node = node[key]
+    if keys[-1] not in node:
+        raise KeyError(f"path {path!r} is not in the target tree")
+    node[keys[-1]] = value
+
+
+def _nest(path: str, value: Any) -> dict[str, Any]:
+    out: Any = value
+    for key in reversed(path.strip("/").split("/")):
+        out = {key: out}
+    return out
+
+
+def _pytree_dir(source: str | epath.Path) -> epath.Path:
+    """A plain Orbax PyTree directory, or the `state` item of the newest step of a model dir."""
+    source = epath.Path(source)
+    if (source / "_METADATA").exists() or (source / "_CHECKPOINT_METADATA").exists():
+        if (source / "state").is_dir():
+            return source / "state"
+        return source
+    steps = sorted(int(p.name) for p in source.iterdir() if p.name.isdigit())
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint found in {source}")
+    return source / str(steps[-1]) / "state"
+
+
+def load_subtrees(
+    params: dict[str, Any],
+    source: str | epath.Path,
+    subtrees: Mapping[str, str] | Sequence[str],
+    shardings: PyTree,
+) -> dict[str, Any]:
+    """Partial init: replaces subtrees of `params` with the same-shaped arrays of a checkpoint.
+
+    Args:
+      params: the fresh parameter tree (nested dicts).
+      source: a plain Orbax PyTree directory (converted weights), a checkpoint step directory,
+        or a model dir (its newest step is used).
+      subtrees: target path -> source path ("encoder" -> "params/encoder"), or a list of paths
+        that are the same in both (paths are "/"-separated).
+      shardings: `NamedSharding`s of `params`.
+
+    Returns:
+      A new params tree; everything outside `subtrees` is the fresh init.
+
+    Raises:
+      KeyError: a path is missing; ValueError: a shape differs.
+    """
+    if not isinstance(subtrees, Mapping):
+        subtrees = {p: p for p in subtrees}
+    directory = _pytree_dir(source)
+    target: dict[str, Any] = {}
+    for dst, src in subtrees.items():
+        fresh, shard = _get_path(params, dst), _get_path(shardings, dst)
+        abstract = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), fresh, shard
+        )
+        _merge(target, _nest(src, abstract))
+    restored = ocp.PyTreeCheckpointer().restore(
+        directory,
+        args=ocp.args.PyTreeRestore(
+            item=target,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True,
+        ),
+    )
+    out = jax.tree.map(lambda x: x, params)  # fresh containers; leaves shared
+    for dst, src in subtrees.items():
+        loaded, fresh = _get_path(restored, src), _get_path(params, dst)
+        for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(fresh), strict=True):
+            if a.shape != b.shape:
+                raise ValueError(f"{src}: checkpoint shape {a.shape} != model shape {b.shape}")
+        _set_path(out, dst, loaded)
+        logger.info("init: loaded %s from %s:%s", dst, directory, src)
+    return out
+
+
+def _merge(a: dict[str, Any], b: Mapping[str, Any]) -> None:
+    for k, v in b.items():
+        if k in a and isinstance(a[k], dict) and isinstance(v, Mapping):
+            _merge(a[k], v)
+        else:
+            a[k] = v
+
+
+def resume_or_init(
+    checkpointer: Checkpointer,
+    abstract_state: PyTree,
+    init_fn: Callable[[], PyTree],
+    init_checkpoint: str | None = None,
+    init_subtrees: Mapping[str, str] | Sequence[str] | None = None,
+) -> tuple[PyTree, dict[str, Any], str]:
+    """Resume order: newest readable checkpoint in the model dir -> init checkpoint -> scratch.
+
+    Args:
+      checkpointer: the model dir's checkpointer.
+      abstract_state: `TrainState` of ShapeDtypeStructs with shardings.
+      init_fn: creates a fresh sharded state.
+      init_checkpoint: converted / pretrained weights (see `load_subtrees`).
+      init_subtrees: which params subtrees to take from it; None = all of "params".
+
+    Returns:
+      (state, data position dict, a sentence saying where the state came from).
+    """
+    restored = checkpointer.restore_latest(abstract_state)
+    if restored is not None:
+        source = f"resumed from {checkpointer.directory}/{restored.step}"
+        logger.info("init: %s", source)
+        return restored.state, restored.data, source
+    state = init_fn()
+    if init_checkpoint:
+        subtrees = init_subtrees if init_subtrees is not None else {"": "params"}
+        params = state.params
+        if "" in subtrees:  # the whole params tree
+            wrapped = load_subtrees(
+                {"p": params}, init_checkpoint, {"p": subtrees[""]}, {"p": _shardings_of(params)}
+            )
+            params = wrapped["p"]
+        else:
+            params = load_subtrees(params, init_checkpoint, subtrees, _shardings_of(params))
+        state = state.replace(params=params)
+        source = f"initialised from {init_checkpoint} ({', '.join(subtrees) or 'params'})"
+    else:
+        source = "initialised from scratch"
+    logger.info("init: %s", source)
+    return state, {"batches_consumed": 0}, source
+
+
+def _shardings_of(tree: PyTree) -> PyTree:
+    return jax.tree.map(lambda x: x.sharding, tree)

@@ -1,0 +1,196 @@
+"""Checkpoints: exact resume (params and examples), corrupt / unfinished saves, keep and time
+policies, the model config inside checkpoints, and partial init."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import tiny_model as tm
+
+from spectron_jax import checkpoints, partitioning, train
+from spectron_jax import trainer as trainer_lib
+
+CKPT = checkpoints.CheckpointConfig(every_steps=5, keep_last=3, async_save=True)
+
+
+def _mesh():
+    # fsdp x tensor so that resume restores onto really split arrays; 4 devices compile faster.
+    return partitioning.create_mesh(data=1, fsdp=2, tensor=2, devices=jax.devices()[:4])
+
+
+def _train(model_dir, num_steps, seen, sigterm_at=None, **kwargs):
+    kwargs.setdefault("checkpoint_config", CKPT)
+
+    def callback(step, batch):
+        seen.append(batch["example_id"].tolist())
+        if step == sigterm_at:  # preemption while this step is being trained
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return train.train(
+        model=tm.TinyModel(),
+        dataset_fn=tm.make_dataset_fn(),
+        model_dir=str(model_dir),
+        num_steps=num_steps,
+        mesh=_mesh(),
+        log_every=100,
+        optimizer=trainer_lib.OptimizerConfig(warmup_steps=3, decay_steps=20),
+        batch_callback=callback,
+        **kwargs,
+    )
+
+
+def test_resume_gives_identical_params_and_examples(tmp_path):
+    straight_seen, resumed_seen = [], []
+    straight = _train(tmp_path / "a", 20, straight_seen)
+    # Stopped by SIGTERM during step 10 (index 9): it finishes the step, saves, and returns.
+    first = _train(tmp_path / "b", 20, resumed_seen, sigterm_at=9)
+    assert first.init_source == "initialised from scratch" and first.step == 10
+    assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is back
+    second = _train(tmp_path / "b", 20, resumed_seen)
+    assert second.init_source.endswith("checkpoints/10")
+    assert resumed_seen == straight_seen
+    assert len(straight_seen) == 20 and straight_seen[10][0] == 10 * 8  # batch 10 = ids 80..87
+    for a, b in zip(
+        jax.tree.leaves(tm.params_to_numpy(straight.state.params)),
+        jax.tree.leaves(tm.params_to_numpy(second.state.params)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+    # The model config and the data position travel inside every checkpoint.
+    ckpt = checkpoints.Checkpointer(tmp_path / "b" / "checkpoints")
+    assert ckpt.steps() == [10, 15, 20]
+    restored = ckpt.restore_latest(
+        jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), second.state
+        )
+    )
+    assert restored.config == dataclasses.asdict(tm.TinyConfig())
+    assert restored.data == {"batches_consumed": 20, "seed": 0}
+    assert (tmp_path / "b" / "config.gin").exists()
+    assert list((tmp_path / "b" / "tensorboard").glob("events.out.tfevents*"))
+
+
+def _small_state(value):
+    mesh = partitioning.create_mesh(devices=jax.devices()[:1])
+    sharding = partitioning.replicated(mesh)
+    return {
+        "w": jax.device_put(jnp.full((4, 4), value, jnp.float32), sharding),
+        "step": jax.device_put(jnp.int32(value), sharding),
+    }
+
+
+def _abstract(state):
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
+
+
+def _save_steps(directory, steps, config=None):
+    ckpt = checkpoints.Checkpointer(
+        directory,
+        config or checkpoints.CheckpointConfig(every_steps=1, keep_last=10, async_save=False),
+    )
+    for step in steps:
+        ckpt.save(step, _small_state(step), {"batches_consumed": step}, {"d": 1})
+    ckpt.close()
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
+    _save_steps(tmp_path, [2, 4, 6])
+    # Truncate every array file of the newest step (a disk that filled up, a bad copy).
+    truncated = 0
+    for f in (tmp_path / "6" / "state").rglob("*"):
+        if f.is_file() and "ocdbt" in str(f) or (f.is_file() and f.parent.name == "d"):
+            f.write_bytes(b"")
+            truncated += 1
+    assert truncated
+    ckpt = checkpoints.Checkpointer(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        restored = ckpt.restore_latest(_abstract(_small_state(0)))
+    assert restored.step == 4
+    np.testing.assert_array_equal(np.asarray(restored.state["w"]), np.full((4, 4), 4.0))
+    assert restored.data["batches_consumed"] == 4
+    assert any(
+        "step 6" in r.getMessage() and "falling back" in r.getMessage() for r in caplog.records
+    )
+
+
+def test_unfinished_save_tmp_dir_is_ignored(tmp_path):
+    _save_steps(tmp_path, [2, 4])
+    # What a kill -9 during Orbax's save of step 6 leaves: a tmp dir that was never renamed.
+    tmp = tmp_path / "6.orbax-checkpoint-tmp-1764000000000000"
+    (tmp / "state").mkdir(parents=True)
+    (tmp / "state" / "_METADATA").write_text("{not json")
+    ckpt = checkpoints.Checkpointer(tmp_path)
+    assert ckpt.steps() == [2, 4]
+    restored = ckpt.restore_latest(_abstract(_small_state(0)))
+    assert restored.step == 4
+    ckpt.save(6, _small_state(6), {"batches_consumed": 6}, force=True)
+    ckpt.wait()
+    assert ckpt.steps() == [2, 4, 6]
+
+
+def test_keep_last_plus_keep_every(tmp_path):
+    config = checkpoints.CheckpointConfig(
+        every_steps=1, keep_last=2, keep_every=4, async_save=False
+    )
+    _save_steps(tmp_path, range(1, 10), config)
+    assert checkpoints.Checkpointer(tmp_path).steps() == [4, 8, 9]
+
+
+def test_time_based_save_with_injected_clock(tmp_path):
+    now = [1000.0]
+    ckpt = checkpoints.Checkpointer(
+        tmp_path,
+        checkpoints.CheckpointConfig(every_steps=0, every_minutes=1.0),
+        clock=lambda: now[0],
+    )
+    now[0] += 30
+    assert not ckpt.should_save(7)
+    assert not ckpt.save(7, _small_state(7), {})
+    now[0] += 31
+    assert ckpt.should_save(8)
+    assert ckpt.save(8, _small_state(8), {})
+    assert not ckpt.should_save(9)  # the timer restarted at the save
+    ckpt.close()
+    assert ckpt.steps() == [8]
+
+
+def test_partial_init_loads_only_the_given_subtrees(tmp_path):
+    mesh = _mesh()
+    trainer = trainer_lib.Trainer(tm.TinyModel(), mesh)
+    batch = partitioning.host_local_batch_to_global(tm.first_batch(), mesh)
+    trainer.setup(batch)
+    source = trainer.init_state(jax.random.key(1))
+    # "Converted weights": a plain Orbax PyTree directory of {"params": ...}.
+    writer = ocp.StandardCheckpointer()
+    writer.save(tmp_path / "converted", {"params": source.params})
+    writer.wait_until_finished()
+    fresh = trainer.init_state(jax.random.key(2))
+    ckpt = checkpoints.Checkpointer(tmp_path / "run")
+    state, data, how = checkpoints.resume_or_init(
+        ckpt,
+        trainer.abstract_state,
+        lambda: fresh,
+        init_checkpoint=str(tmp_path / "converted"),
+        init_subtrees={"enc_wi": "params/enc_wi", "enc_wo": "params/enc_wo"},
+    )
+    assert "converted" in how and data == {"batches_consumed": 0}
+    got, src, new = (tm.params_to_numpy(t.params) for t in (state, source, fresh))
+    for name in got:
+        expect = src[name] if name.startswith("enc_") else new[name]
+        np.testing.assert_array_equal(got[name], expect)
+        assert state.params[name].sharding == trainer.state_shardings.params[name]
+    assert not np.array_equal(src["head"], new["head"])
+    with pytest.raises(KeyError, match="nope"):
+        checkpoints.load_subtrees(
+            fresh.params, tmp_path / "converted", ["nope"], trainer.state_shardings.params
+        )
