@@ -1,0 +1,436 @@
+"""HF decoder LMs (Gemma 3 text, Llama, Qwen2) <-> `DecoderConfig` and the `Decoder` param tree.
+
+Import: `load_hf_lm(folder)` reads config.json + safetensors (sharded or not) into
+`(DecoderConfig, params)`; export: `save_hf_lm(folder, config, params, model_type)` writes the
+same names, shapes and dtypes back, so HF -> ours -> HF reproduces every tensor bit for bit.
+
+Layout changes (all exact: transposes and reshapes only):
+  HF Linear weight [out, in]          <-> Dense kernel [in, out]
+  q/k/v_proj weight [N*Dh, D]         <-> DenseGeneral kernel [D, N, Dh], bias [N*Dh] <-> [N, Dh]
+  o_proj weight [D, H*Dh]             <-> DenseGeneral kernel [H, Dh, D]
+RMSNorm weights are stored as-is (Gemma's `1 + w` lives in the module), and RoPE needs no
+permutation because `apply_rope` uses HF's rotate-half layout.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from spectron_jax.convert import safetensors_io
+from spectron_jax.nn.decoder import Decoder, DecoderConfig
+
+SUPPORTED_MODEL_TYPES = ("gemma3_text", "gemma3", "llama", "qwen2")
+_ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh", "silu": "silu"}
+_TO_HF_ACTIVATION = {"gelu_tanh": "gelu_pytorch_tanh", "silu": "silu"}
+# Buffers that older checkpoints saved and that carry no learned state.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+Params = dict[str, Any]
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs.
+# ---------------------------------------------------------------------------------------------
+
+
+def _rope_thetas(hf: Mapping, family: str) -> tuple[float, float | None]:
+    """(global theta, local theta) from `rope_parameters` (transformers 5) or the older keys."""
+    params = hf.get("rope_parameters")
+    if family == "gemma3":
+        if params and "full_attention" in params:
+            full, local = params["full_attention"], params.get("sliding_attention") or {}
+        else:
+            full = dict(hf.get("rope_scaling") or {}, rope_theta=hf.get("rope_theta", 1e6))
+            local = {"rope_theta": hf.get("rope_local_base_freq", 1e4)}
+        for kind in (full, local):
+            if kind.get("rope_type", kind.get("type", "default")) != "default":
+                raise NotImplementedError(f"RoPE scaling {kind} is not supported yet")
+        return float(full.get("rope_theta", 1e6)), float(local.get("rope_theta", 1e4))
+    params = params or dict(hf.get("rope_scaling") or {}, rope_theta=hf.get("rope_theta", 1e4))
+    if params.get("rope_type", params.get("type", "default")) != "default":
+        raise NotImplementedError(f"RoPE scaling {params} is not supported yet")
+    return float(params.get("rope_theta", 1e4)), None
+
+
+def _window_pattern(layer_types: list[str], num_layers: int) -> int:
+    """The `sliding_window_pattern` whose local/global layout equals HF's `layer_types`."""
+    local = [t == "sliding_attention" for t in layer_types]
+    if all(local):
+        return 0
+    for pattern in range(1, num_layers + 1):
+        if local == [(i + 1) % pattern != 0 for i in range(num_layers)]:
+            return pattern
+    raise NotImplementedError(
+        f"layer_types {layer_types} is not 'every Nth layer global'; not supported"
+    )
+
+
+def config_from_hf(hf: Mapping, **overrides: Any) -> DecoderConfig:
+    """HF config.json dict -> DecoderConfig (float32 unless `overrides` say otherwise)."""
+    model_type = hf.get("model_type")
+    if model_type == "gemma3":
+        hf = dict(hf["text_config"], model_type="gemma3_text")
+        model_type = "gemma3_text"
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise NotImplementedError(
+            f"model_type {model_type!r} not supported; expected one of {SUPPORTED_MODEL_TYPES}"
+        )
+    gemma = model_type == "gemma3_text"
+    family = "gemma3" if gemma else model_type
+    num_layers = hf["num_hidden_layers"]
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    act = hf.get("hidden_activation" if gemma else "hidden_act") or hf.get("hidden_act")
+    if act not in _ACTIVATIONS:
+        raise NotImplementedError(f"activation {act!r} not supported")
+    theta, local_theta = _rope_thetas(hf, family)
+
+    if gemma:
+        default_pattern = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6))
+        layer_types = hf.get("layer_types") or [
+            "sliding_attention" if (i + 1) % default_pattern else "full_attention"
+            for i in range(num_layers)
+        ]
+    elif model_type == "qwen2" and hf.get("use_sliding_window"):
+        raise NotImplementedError("Qwen2 use_sliding_window=True is not supported")
+    else:
+        layer_types = ["full_attention"] * num_layers
+    if hf.get("use_bidirectional_attention"):
+        raise NotImplementedError("use_bidirectional_attention is not supported")
+    any_local = "sliding_attention" in layer_types
+    attention_bias = bool(hf.get("attention_bias", False))
+
+    kwargs = dict(
+        vocab_size=hf["vocab_size"],
+        num_layers=num_layers,
+        d_model=hf["hidden_size"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=head_dim,
+        mlp_dim=hf["intermediate_size"],
+        activation=_ACTIVATIONS[act],
+        norm_variant="gemma" if gemma else "llama",
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        qk_norm=gemma,
+        post_norms=gemma,
+        rope_theta=theta,
+        rope_local_theta=local_theta if any_local else None,
+        sliding_window=hf.get("sliding_window") if any_local else None,
+        sliding_window_pattern=_window_pattern(layer_types, num_layers) if any_local else 0,
+        query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)) if gemma else None,
+        scale_embeddings=gemma,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
+        final_logit_softcap=hf.get("final_logit_softcapping") if gemma else None,
+        # transformers' Gemma 3 attention never applies `attn_logit_softcapping` (Gemma 3 dropped
+        # it for QK-norm); follow the implementation, not the config key.
+        attn_logit_softcap=None,
+        qkv_bias=model_type == "qwen2" or attention_bias,
+        attn_out_bias=attention_bias,
+        mlp_bias=bool(hf.get("mlp_bias", False)),
+    )
+    kwargs.update(overrides)
+    return DecoderConfig(**kwargs)
+
+
+def config_to_hf(config: DecoderConfig, model_type: str) -> dict:
+    """DecoderConfig -> an HF config.json dict for `model_type` (gemma3_text, llama or qwen2)."""
+    c = config
+    hf = dict(
+        model_type=model_type,
+        vocab_size=c.vocab_size,
+        hidden_size=c.d_model,
+        intermediate_size=c.mlp_dim,
+        num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads,
+        num_key_value_heads=c.num_kv_heads,
+        head_dim=c.head_dim,
+        rms_norm_eps=c.norm_eps,
+        tie_word_embeddings=c.tie_embeddings,
+        dtype=c.param_dtype,
+    )
+    act = _TO_HF_ACTIVATION[c.activation]
+    layer_types = [
+        "sliding_attention" if c.is_local_layer(i) else "full_attention"
+        for i in range(c.num_layers)
+    ]
+    if model_type == "gemma3_text":
+        expected = dict(norm_variant="gemma", qk_norm=True, post_norms=True, scale_embeddings=True)
+        _check_family(c, model_type, expected)
+        hf.update(
+            architectures=["Gemma3ForCausalLM"],
+            hidden_activation=act,
+            query_pre_attn_scalar=_int_if_integral(c.query_pre_attn_scalar or c.head_dim),
+            sliding_window=c.sliding_window,
+            layer_types=layer_types,
+            rope_parameters={
+                "full_attention": {"rope_type": "default", "rope_theta": c.rope_theta},
+                "sliding_attention": {
+                    "rope_type": "default",
+                    "rope_theta": c.rope_local_theta or c.rope_theta,
+                },
+            },
+            final_logit_softcapping=c.final_logit_softcap,
+            attn_logit_softcapping=c.attn_logit_softcap,
+            attention_bias=c.qkv_bias,
+        )
+    elif model_type in ("llama", "qwen2"):
+        expected = dict(
+            norm_variant="llama",
+            qk_norm=False,
+            post_norms=False,
+            scale_embeddings=False,
+            sliding_window=None,
+        )
+        if model_type == "qwen2":
+            expected.update(qkv_bias=True, attn_out_bias=False, mlp_bias=False)
+        _check_family(c, model_type, expected)
+        hf.update(
+            architectures=["LlamaForCausalLM" if model_type == "llama" else "Qwen2ForCausalLM"],
+            hidden_act=act,
+            rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+        )
+        if model_type == "llama":
+            hf.update(attention_bias=c.qkv_bias, mlp_bias=c.mlp_bias)
+    else:
+        raise NotImplementedError(f"export to model_type {model_type!r} not supported")
+    return hf
+
+
+def _int_if_integral(x: float) -> int | float:
+    # transformers' strict config classes type some of these fields as int.
+    return int(x) if float(x).is_integer() else x
+
+
+def _check_family(config: DecoderConfig, model_type: str, expected: Mapping) -> None:
+    wrong = {k: getattr(config, k) for k, v in expected.items() if getattr(config, k) != v}
+    if wrong:
+        raise ValueError(f"config cannot be exported as {model_type}: {wrong} (need {expected})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights.
+# ---------------------------------------------------------------------------------------------
+
+# (import, export) pairs; each is exact (a transpose and/or reshape).
+_Transform = tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]
+
+
+def _identity() -> _Transform:
+    return (lambda w: w), (lambda p: p)
+
+
+def _linear() -> _Transform:
+    return (lambda w: w.T), (lambda p: p.T)
+
+
+def _heads_in(n: int, dh: int) -> _Transform:
+    # [N*Dh, D] -> [D, N, Dh]
+    return (lambda w: w.T.reshape(w.shape[1], n, dh)), (lambda p: p.reshape(p.shape[0], n * dh).T)
+
+
+def _heads_bias(n: int, dh: int) -> _Transform:
+    return (lambda w: w.reshape(n, dh)), (lambda p: p.reshape(n * dh))
+
+
+def _heads_out(n: int, dh: int) -> _Transform:
+    # [D, H*Dh] -> [H, Dh, D]
+    return (lambda w: w.T.reshape(n, dh, w.shape[0])), (lambda p: p.reshape(n * dh, p.shape[2]).T)
+
+
+def weight_map(
+    config: DecoderConfig, prefix: str = "model."
+) -> dict[str, tuple[tuple, _Transform]]:
+    """HF tensor name -> (path in our param tree, (import, export) transforms)."""
+    c = config
+    out: dict[str, tuple[tuple, _Transform]] = {
+        f"{prefix}embed_tokens.weight": (("embedder", "embedding"), _identity()),
+        f"{prefix}norm.weight": (("final_norm", "scale"), _identity()),
+    }
+    if not c.tie_embeddings:
+        out["lm_head.weight"] = (("lm_head", "kernel"), _linear())
+    for i in range(c.num_layers):
+        hf, us = f"{prefix}layers.{i}.", f"layers_{i}"
+        names = {
+            "input_layernorm.weight": ((us, "pre_attention_norm", "scale"), _identity()),
+            "mlp.gate_proj.weight": ((us, "mlp", "gate", "kernel"), _linear()),
+            "mlp.up_proj.weight": ((us, "mlp", "up", "kernel"), _linear()),
+            "mlp.down_proj.weight": ((us, "mlp", "down", "kernel"), _linear()),
+        }
+        if c.post_norms:
+            names.update(
+                {
+                    "post_attention_layernorm.weight": (
+                        (us, "post_attention_norm", "scale"),
+                        _identity(),
+                    ),
+                    "pre_feedforward_layernorm.weight": (
+                        (us, "pre_mlp_norm", "scale"),
+                        _identity(),
+                    ),
+                    "post_feedforward_layernorm.weight": (
+                        (us, "post_mlp_norm", "scale"),
+                        _identity(),
+                    ),
+                }
+            )
+        else:
+            # Llama's "post_attention_layernorm" is the norm before the MLP.
+            names["post_attention_layernorm.weight"] = ((us, "pre_mlp_norm", "scale"), _identity())
+        for proj, n in (("q", c.num_heads), ("k", c.num_kv_heads), ("v", c.num_kv_heads)):
+            names[f"self_attn.{proj}_proj.weight"] = (
+                (us, "attn", f"{proj}_proj", "kernel"),
+                _heads_in(n, c.head_dim),
+            )
+            if c.qkv_bias:
+                names[f"self_attn.{proj}_proj.bias"] = (
+                    (us, "attn", f"{proj}_proj", "bias"),
+                    _heads_bias(n, c.head_dim),
+                )
+        names["self_attn.o_proj.weight"] = (
+            (us, "attn", "o_proj", "kernel"),
+            _heads_out(c.num_heads, c.head_dim),
+        )
+        if c.attn_out_bias:
+            names["self_attn.o_proj.bias"] = ((us, "attn", "o_proj", "bias"), _identity())
+        if c.qk_norm:
+            names["self_attn.q_norm.weight"] = ((us, "attn", "q_norm", "scale"), _identity())
+            names["self_attn.k_norm.weight"] = ((us, "attn", "k_norm", "scale"), _identity())
+        if c.mlp_bias:
+            for proj, ours in (("gate", "gate"), ("up", "up"), ("down", "down")):
+                names[f"mlp.{proj}_proj.bias"] = ((us, "mlp", ours, "bias"), _identity())
+        out.update({hf + k: v for k, v in names.items()})
+    return out
+
+
+def detect_prefix(names: list[str] | set[str]) -> str:
+    """The HF prefix before `embed_tokens.weight` ("model.", "model.language_model.", ...)."""
+    for name in names:
+        if name.endswith("embed_tokens.weight"):
+            return name[: -len("embed_tokens.weight")]
+    raise KeyError("no '*embed_tokens.weight' tensor: not a decoder LM checkpoint")
+
+
+def expected_shapes(config: DecoderConfig) -> dict[tuple, tuple[int, ...]]:
+    """Param path -> shape of `Decoder(config)`, traced abstractly (no memory, no compute)."""
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    shapes = jax.eval_shape(
+        lambda t: Decoder(config).init(jax.random.PRNGKey(0), t, method=Decoder.forward_tokens),
+        tokens,
+    )
+    flat = traverse_util.flatten_dict(nn.unbox(shapes["params"]))
+    return {path: tuple(leaf.shape) for path, leaf in flat.items()}
+
+
+def params_from_hf(
+    tensors: Mapping[str, np.ndarray],
+    config: DecoderConfig,
+    dtype: Any = None,
+    *,
+    text_only: bool = False,
+) -> Params:
+    """HF tensors -> our nested param dict (numpy; stored dtype unless `dtype` is given).
+
+    Args:
+      tensors: HF name -> array.
+      config: the architecture the tensors must fill exactly.
+      dtype: cast to this dtype; None keeps the stored one.
+      text_only: ignore tensors outside the LM (a multimodal Gemma 3 checkpoint's vision tower).
+
+    Raises:
+      KeyError: a tensor the config needs is missing.
+      ValueError: a tensor is left over (a config / checkpoint mismatch) or has the wrong shape.
+    """
+    prefix = detect_prefix(list(tensors))
+    mapping = weight_map(config, prefix)
+    missing = sorted(set(mapping) - set(tensors))
+    if missing:
+        raise KeyError(f"checkpoint lacks {len(missing)} tensors the config needs: {missing[:5]}")
+    leftover = set(tensors) - set(mapping)
+    if config.tie_embeddings:
+        leftover.discard("lm_head.weight")  # some exporters write the tied head anyway
+    leftover = sorted(n for n in leftover if not n.endswith(_IGNORED_SUFFIXES))
+    if text_only:
+        leftover = [n for n in leftover if n.startswith(prefix)]
+    if leftover:
+        raise ValueError(f"{len(leftover)} checkpoint tensors unused by the config: {leftover[:5]}")
+    shapes = expected_shapes(config)
+    params: Params = {}
+    for name, (path, (to_ours, _)) in mapping.items():
+        if int(np.prod(tensors[name].shape)) != int(np.prod(shapes[path])):
+            raise ValueError(
+                f"{name} has shape {tensors[name].shape}; the config needs {shapes[path]} elements"
+            )
+        value = np.asarray(to_ours(tensors[name]))
+        if value.shape != shapes[path]:
+            raise ValueError(f"{name} -> {value.shape}, but the config needs {shapes[path]}")
+        if dtype is not None:
+            value = value.astype(dtype)
+        node = params
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return params
+
+
+def params_to_hf(params: Params, config: DecoderConfig, prefix: str = "model.") -> dict:
+    """Our param tree (numpy or jax arrays, boxed or not) -> HF tensor dict (numpy)."""
+    out = {}
+    for name, (path, (_, to_hf)) in weight_map(config, prefix).items():
+        node = params
+        for key in path:
+            node = node[key]
+        node = getattr(node, "value", node)  # nn.LogicallyPartitioned boxes
+        out[name] = np.ascontiguousarray(to_hf(np.asarray(node)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Folders.
+# ---------------------------------------------------------------------------------------------
+
+
+def load_hf_lm(
+    folder: str | os.PathLike, weight_dtype: Any = None, **config_overrides: Any
+) -> tuple[DecoderConfig, Params]:
+    """Reads an HF LM folder into (DecoderConfig, params).
+
+    Args:
+      folder: config.json + model.safetensors (or shards with model.safetensors.index.json).
+      weight_dtype: cast the weights to this dtype; None keeps the stored one (bit-exact export).
+      **config_overrides: DecoderConfig fields to set (dtype="bfloat16", remat="full", ...).
+    """
+    hf_config = safetensors_io.read_config(folder)
+    config = config_from_hf(hf_config, **config_overrides)
+    params = params_from_hf(
+        safetensors_io.read_tensors(folder),
+        config,
+        dtype=weight_dtype,
+        text_only=hf_config.get("model_type") == "gemma3",
+    )
+    return config, params
+
+
+def save_hf_lm(
+    folder: str | os.PathLike,
+    config: DecoderConfig,
+    params: Params,
+    model_type: str,
+    *,
+    prefix: str = "model.",
+    max_shard_bytes: int | None = None,
+) -> None:
+    """Writes params as an HF folder (config.json + safetensors) that transformers loads."""
+    safetensors_io.write_folder(
+        folder,
+        config_to_hf(config, model_type),
+        params_to_hf(params, config, prefix),
+        max_shard_bytes=max_shard_bytes,
+    )

@@ -1,0 +1,144 @@
+"""Small building blocks of the decoder LM: RMSNorm variants, gated MLP, token embedding.
+
+Every parameter carries logical axis names (docs/CONTRACTS.md section 6) where it is created;
+`spectron_jax/partitioning.py` maps them to mesh axes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+NORM_VARIANTS = ("gemma", "llama")
+ACTIVATIONS = {
+    # HF "gelu_pytorch_tanh" is the tanh approximation.
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+}
+
+
+def default_kernel_init() -> nn.initializers.Initializer:
+    return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm over the last axis, statistics in float32.
+
+    `variant="gemma"` scales by `1 + w` with `w` initialised to zeros; `variant="llama"` scales by
+    `w` with `w` initialised to ones. Both store `w` exactly as the HF checkpoints do, so import
+    and export are plain copies.
+
+    Attributes:
+      variant: "gemma" or "llama".
+      eps: added to the mean square.
+      dtype: output dtype (None: the input's).
+      param_dtype: dtype of the scale.
+    """
+
+    variant: str = "llama"
+    eps: float = 1e-6
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """float[..., D] -> float[..., D]."""
+        if self.variant not in NORM_VARIANTS:
+            raise ValueError(f"norm variant {self.variant!r} not in {NORM_VARIANTS}")
+        init = nn.initializers.zeros if self.variant == "gemma" else nn.initializers.ones
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(init, ("norm",)), (x.shape[-1],), self.param_dtype
+        )
+        dtype = self.dtype or x.dtype
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        if self.variant == "gemma":
+            # HF Gemma multiplies in float32 before the cast back.
+            return (y * (1.0 + scale.astype(jnp.float32))).astype(dtype)
+        # HF Llama casts the normalised value back first, then multiplies in the input dtype.
+        return y.astype(dtype) * scale.astype(dtype)
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)), the Gemma / Llama feed-forward.
+
+    Attributes:
+      mlp_dim: hidden width F.
+      activation: key of ACTIVATIONS.
+      use_bias: biases on the three projections (Llama `mlp_bias`).
+      dropout_rate: dropout on the hidden activation.
+      dtype: compute dtype.
+      param_dtype: parameter dtype.
+    """
+
+    mlp_dim: int
+    activation: str = "silu"
+    use_bias: bool = False
+    dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        """float[B, T, D] -> float[B, T, D]."""
+        d_model = x.shape[-1]
+
+        def dense(features: int, axes: tuple[str, str], name: str) -> nn.Dense:
+            return nn.Dense(
+                features,
+                use_bias=self.use_bias,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                kernel_init=nn.with_logical_partitioning(default_kernel_init(), axes),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
+                name=name,
+            )
+
+        act = ACTIVATIONS[self.activation]
+        gate = dense(self.mlp_dim, ("embed", "mlp"), "gate")(x)
+        up = dense(self.mlp_dim, ("embed", "mlp"), "up")(x)
+        h = act(gate) * up
+        h = nn.with_logical_constraint(
+            h, ("activation_batch", "activation_length", "activation_mlp")
+        )
+        h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+        return dense(d_model, ("mlp", "embed"), "down")(h)
+
+
+class Embed(nn.Module):
+    """Token embedding table float[V, D], also usable as the tied output projection.
+
+    Attributes:
+      vocab_size: V.
+      features: D.
+      dtype: compute dtype of lookups and of `attend`.
+      param_dtype: dtype of the table.
+    """
+
+    vocab_size: int
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.embedding = self.param(
+            "embedding",
+            nn.with_logical_partitioning(
+                nn.initializers.normal(stddev=1.0 / self.features**0.5), ("vocab", "embed")
+            ),
+            (self.vocab_size, self.features),
+            self.param_dtype,
+        )
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """int32[B, T] -> dtype[B, T, D]."""
+        return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """float[B, T, D] -> dtype[B, T, V]: dot product with every embedding row."""
+        return jnp.einsum("btd,vd->btv", x.astype(self.dtype), self.embedding.astype(self.dtype))
