@@ -1,0 +1,294 @@
+"""Spectron's training objective: one transcript cross-entropy plus the spectrogram terms.
+
+`L = w_ce * CE + w_s * L_s + w_f * L_f + w_t * L_t (+ w_stop * stop BCE) (+ z-loss)`, where every
+spectrogram term is L1 + L2 (paper, section "Training objective"; SPECTRON.md section 2):
+
+- `L_s`: the predicted frames against the target frames;
+- `L_f`: first-order deltas along the mel (feature) axis, `x[t, m+1] - x[t, m]`;
+- `L_t`: time deltas of order k = 1..K, summed over k. By default (`time_delta_kind="lag"`) the
+  order-k delta is the lag-k difference `x[t+k] - x[t]`, our reading of the paper's
+  `x[1:T-k] - x[k:T]`; `"finite_difference"` uses the k-th order finite difference instead.
+
+Means run over valid (unpadded) frames only: a delta counts only where every frame it spans is
+valid, so padding never contributes and changing padded values changes nothing. The CE is a mean
+over valid text targets (one CE over prompt transcript and continuation: the paper needs no
+alignment). Every weight and K are knobs (`LossConfig`) so the paper's ablations can be rerun.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+TIME_DELTA_KINDS = ("lag", "finite_difference")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Weights of the loss terms. Paper defaults: every weight 1.0, K = 3."""
+
+    ce_weight: float = 1.0
+    spec_weight: float = 1.0  # L_s
+    freq_delta_weight: float = 1.0  # L_f
+    time_delta_weight: float = 1.0  # L_t
+    time_delta_orders: int = 3  # K: L_t sums orders 1..K.
+    time_delta_kind: str = "lag"  # "lag": x[t+k] - x[t]; "finite_difference": k-th difference.
+    l1_weight: float = 1.0  # Each spectrogram term is l1_weight * L1 + l2_weight * L2.
+    l2_weight: float = 1.0
+    stop_weight: float = 1.0  # Used only when the model has an end-of-speech head.
+    z_loss: float = 0.0  # Weight of log(Z)^2 on the text logits (PaLM); 0 disables.
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        if self.time_delta_orders < 0:
+            raise ValueError(f"time_delta_orders={self.time_delta_orders} must be >= 0")
+        if self.time_delta_kind not in TIME_DELTA_KINDS:
+            raise ValueError(f"time_delta_kind={self.time_delta_kind!r} not in {TIME_DELTA_KINDS}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing={self.label_smoothing} must be in [0, 1)")
+
+
+def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
+    """num / den, 0 where den == 0 (a batch with no valid frames, e.g. spoken QA)."""
+    return jnp.where(den > 0, num / jnp.maximum(den, 1e-12), 0.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Text.
+# ------------------------------------------------------------------------------------------------
+
+
+def cross_entropy(
+    logits: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array,
+    *,
+    z_loss: float = 0.0,
+    label_smoothing: float = 0.0,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Token cross-entropy, per token.
+
+    Args:
+      logits: float[B, L, V] (computed in float32).
+      targets: int32[B, L].
+      weights: float32[B, L], 1 on valid targets.
+      z_loss: weight of log(Z)^2, which keeps the softmax normaliser near 1.
+      label_smoothing: mass spread uniformly over the vocabulary.
+
+    Returns:
+      (ce float32[B, L], z float32[B, L], correct float32[B, L]): weighted per-token CE, weighted
+      z-loss term and weighted argmax correctness; sum and divide by `weights.sum()` for means.
+    """
+    logits = logits.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    log_probs = logits - log_z[..., None]
+    target_lp = jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), axis=-1)[
+        ..., 0
+    ]
+    nll = -target_lp
+    if label_smoothing > 0.0:
+        nll = (1.0 - label_smoothing) * nll - label_smoothing * jnp.mean(log_probs, axis=-1)
+    weights = weights.astype(jnp.float32)
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return nll * weights, z_loss * jnp.square(log_z) * weights, correct * weights
+
+
+# ------------------------------------------------------------------------------------------------
+# Spectrogram terms.
+# ------------------------------------------------------------------------------------------------
+
+
+def l1_l2(
+    pred: jax.Array, target: jax.Array, mask: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Masked L1 and L2 means over valid rows.
+
+    Args:
+      pred, target: float[B, T, M].
+      mask: [B, T], nonzero on valid rows.
+
+    Returns:
+      (l1, l2, count): mean |pred - target| and mean (pred - target)^2 over valid rows and the M
+      columns (each element counts once), and the number of valid rows.
+    """
+    m = (mask > 0).astype(jnp.float32)
+    diff = (pred.astype(jnp.float32) - target.astype(jnp.float32)) * m[..., None]
+    count = jnp.sum(m)
+    elems = count * pred.shape[-1]
+    return _safe_div(jnp.sum(jnp.abs(diff)), elems), _safe_div(jnp.sum(diff**2), elems), count
+
+
+def time_delta(
+    x: jax.Array, mask: jax.Array, order: int, kind: str = "lag"
+) -> tuple[jax.Array, jax.Array]:
+    """Order-k time delta and the mask of where it is defined.
+
+    Args:
+      x: float[B, T, M].
+      mask: [B, T].
+      order: k >= 1.
+      kind: "lag" (`x[t+k] - x[t]`) or "finite_difference" (k-th order difference).
+
+    Returns:
+      (delta float[B, T-k, M], mask float32[B, T-k]): `delta[t]` spans frames t..t+k and is valid
+      only where all k+1 of them are valid.
+    """
+    m = (mask > 0).astype(jnp.float32)
+    x = x.astype(jnp.float32)
+    t = x.shape[1]
+    span = m[:, : t - order]
+    for i in range(1, order + 1):
+        span = span * m[:, i : t - order + i]
+    if kind == "lag":
+        return x[:, order:] - x[:, : t - order], span
+    if kind != "finite_difference":
+        raise ValueError(f"time delta kind {kind!r} not in {TIME_DELTA_KINDS}")
+    for _ in range(order):
+        x = x[:, 1:] - x[:, :-1]
+    return x, span
+
+
+def freq_delta(x: jax.Array) -> jax.Array:
+    """First-order difference along the mel axis: float[B, T, M] -> float[B, T, M-1]."""
+    x = x.astype(jnp.float32)
+    return x[..., 1:] - x[..., :-1]
+
+
+def spectrogram_losses(
+    pred: jax.Array, target: jax.Array, frame_mask: jax.Array, config: LossConfig
+) -> dict[str, jax.Array]:
+    """The three regression terms, each `l1_weight * L1 + l2_weight * L2`.
+
+    Args:
+      pred, target: float[B, T, n_mels] predicted and target log-mel frames.
+      frame_mask: [B, T], nonzero on valid frames.
+      config: weights and K.
+
+    Returns:
+      Scalars: `spec`, `freq_delta`, `time_delta` (the combined L1 + L2 of each term; L_t summed
+      over orders 1..K), their `*_l1` / `*_l2` parts, `time_delta_k` per order and `num_frames`.
+    """
+    out = {}
+
+    def combine(name, l1, l2):
+        out[f"{name}_l1"], out[f"{name}_l2"] = l1, l2
+        out[name] = config.l1_weight * l1 + config.l2_weight * l2
+
+    l1, l2, count = l1_l2(pred, target, frame_mask)
+    combine("spec", l1, l2)
+    out["num_frames"] = count
+    if pred.shape[-1] > 1:
+        l1, l2, _ = l1_l2(freq_delta(pred), freq_delta(target), frame_mask)
+    else:
+        l1 = l2 = jnp.zeros((), jnp.float32)
+    combine("freq_delta", l1, l2)
+    t_l1 = t_l2 = jnp.zeros((), jnp.float32)
+    for k in range(1, config.time_delta_orders + 1):
+        if pred.shape[1] <= k:
+            break  # No k-th difference fits in the sequence.
+        dp, m = time_delta(pred, frame_mask, k, config.time_delta_kind)
+        dt, _ = time_delta(target, frame_mask, k, config.time_delta_kind)
+        l1, l2, _ = l1_l2(dp, dt, m)
+        out[f"time_delta_{k}"] = config.l1_weight * l1 + config.l2_weight * l2
+        t_l1, t_l2 = t_l1 + l1, t_l2 + l2
+    combine("time_delta", t_l1, t_l2)
+    return out
+
+
+def stop_targets(frame_mask: jax.Array, reduction_factor: int) -> tuple[jax.Array, jax.Array]:
+    """End-of-speech targets per frame group.
+
+    Args:
+      frame_mask: [B, T_f], T_f a multiple of `reduction_factor`.
+      reduction_factor: frames per group (decoder slot).
+
+    Returns:
+      (targets float32[B, N], group_mask float32[B, N]): 1 on the last valid group (the slot that
+      predicts the final frames), 0 on earlier valid groups; `group_mask` marks groups with any
+      valid frame.
+    """
+    b, t = frame_mask.shape
+    groups = (frame_mask > 0).reshape(b, t // reduction_factor, reduction_factor)
+    group_mask = jnp.any(groups, axis=-1).astype(jnp.float32)
+    n = jnp.sum(group_mask, axis=-1, keepdims=True)
+    idx = jnp.arange(group_mask.shape[1])[None, :]
+    return (idx == n - 1).astype(jnp.float32) * group_mask, group_mask
+
+
+def stop_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+    """Binary cross-entropy of float[B, N] logits, mean over `mask`."""
+    logits = logits.astype(jnp.float32)
+    bce = jnp.maximum(logits, 0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+    return _safe_div(jnp.sum(bce * mask), jnp.sum(mask))
+
+
+# ------------------------------------------------------------------------------------------------
+# The total.
+# ------------------------------------------------------------------------------------------------
+
+
+def spectron_loss(
+    *,
+    logits: jax.Array,
+    target_tokens: jax.Array,
+    loss_weights: jax.Array,
+    text_part: jax.Array,
+    pred_frames: jax.Array,
+    target_frames: jax.Array,
+    frame_mask: jax.Array,
+    config: LossConfig,
+    stop_logits: jax.Array | None = None,
+    reduction_factor: int = 1,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The weighted total and its metrics.
+
+    Args:
+      logits: float[B, L, V] text logits on the text slots.
+      target_tokens: int32[B, L].
+      loss_weights: float32[B, L].
+      text_part: int32[B, L]: 1 prompt transcript, 2 continuation (and EOS), 0 pad.
+      pred_frames, target_frames: float[B, T_f, n_mels].
+      frame_mask: int32[B, T_f].
+      config: weights.
+      stop_logits: float[B, N] end-of-speech logits per frame group, or None (no stop head).
+      reduction_factor: frames per group, for the stop targets.
+
+    Returns:
+      (loss float32[], metrics): metrics are float32 scalars, batch means, each term unweighted
+      (`ce`, `spec`, `freq_delta`, `time_delta`, ... and `loss`), token accuracies
+      `accuracy_prompt` / `accuracy_continuation` / `accuracy`, and counts `num_tokens`,
+      `num_frames`.
+    """
+    nll, z, correct = cross_entropy(
+        logits,
+        target_tokens,
+        loss_weights,
+        z_loss=config.z_loss,
+        label_smoothing=config.label_smoothing,
+    )
+    w = loss_weights.astype(jnp.float32)
+    num_tokens = jnp.sum(w)
+    metrics = {"ce": _safe_div(jnp.sum(nll), num_tokens), "num_tokens": num_tokens}
+    metrics["z_loss"] = _safe_div(jnp.sum(z), num_tokens)
+    metrics["accuracy"] = _safe_div(jnp.sum(correct), num_tokens)
+    for part, name in ((1, "prompt"), (2, "continuation")):
+        pw = w * (text_part == part)
+        metrics[f"accuracy_{name}"] = _safe_div(jnp.sum(correct * (text_part == part)), jnp.sum(pw))
+        metrics[f"num_tokens_{name}"] = jnp.sum(pw)
+
+    metrics.update(spectrogram_losses(pred_frames, target_frames, frame_mask, config))
+    loss = (
+        config.ce_weight * metrics["ce"]
+        + metrics["z_loss"]
+        + config.spec_weight * metrics["spec"]
+        + config.freq_delta_weight * metrics["freq_delta"]
+        + config.time_delta_weight * metrics["time_delta"]
+    )
+    if stop_logits is not None:
+        targets, group_mask = stop_targets(frame_mask, reduction_factor)
+        metrics["stop"] = stop_loss(stop_logits, targets, group_mask)
+        loss = loss + config.stop_weight * metrics["stop"]
+    metrics["loss"] = loss
+    return loss, metrics

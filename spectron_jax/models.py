@@ -1,0 +1,199 @@
+"""`SpectronModel`: the T5X `BaseModel` shape around the `Spectron` network.
+
+`get_initial_variables`, `loss_fn`, `score_batch` and `predict_batch_with_aux`
+(docs/CONTRACTS.md section 3), plus `trainable_mask`, which the trainer uses to keep a frozen
+encoder out of the optimizer (`optax.multi_transform` with `set_to_zero`: no update, no state).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+import gin
+from spectron_jax import losses
+from spectron_jax.config import SpectronConfig
+from spectron_jax.network import Spectron
+
+PyTree = Any
+Batch = Mapping[str, jax.Array]
+
+# Keys the network reads, with their dtypes (CONTRACTS.md section 2).
+INPUT_TYPES = {
+    "encoder_features": jnp.float32,
+    "encoder_mask": jnp.int32,
+    "decoder_input_tokens": jnp.int32,
+    "decoder_target_tokens": jnp.int32,
+    "decoder_loss_weights": jnp.float32,
+    "text_part": jnp.int32,
+    "target_frames": jnp.float32,
+    "frame_mask": jnp.int32,
+}
+
+# Pre-net dropout stays on outside training (Tacotron 2 practice); without a caller rng, evaluation
+# and scoring draw it from this fixed key, so they are reproducible.
+_EVAL_DROPOUT_SEED = 0
+
+
+def example_input_shapes(
+    config: SpectronConfig,
+    batch_size: int = 1,
+    prompt_frames: int = 16,
+    text_length: int = 8,
+    num_frames: int | None = None,
+) -> dict[str, tuple[int, ...]]:
+    """Shapes of a model batch (for abstract init and parameter counts)."""
+    t_f = num_frames if num_frames is not None else 2 * config.reduction_factor
+    return {
+        "encoder_features": (batch_size, prompt_frames, config.encoder_feature_dim),
+        "encoder_mask": (batch_size, prompt_frames),
+        "decoder_input_tokens": (batch_size, text_length),
+        "decoder_target_tokens": (batch_size, text_length),
+        "decoder_loss_weights": (batch_size, text_length),
+        "text_part": (batch_size, text_length),
+        "target_frames": (batch_size, t_f, config.n_mels),
+        "frame_mask": (batch_size, t_f),
+    }
+
+
+class SpectronModel:
+    """Spectron with the T5X `BaseModel` methods.
+
+    Attributes:
+      config: the model config.
+      module: the `Spectron` flax module.
+    """
+
+    def __init__(self, config: SpectronConfig):
+        self.config = config
+        self.module = Spectron(config)
+
+    # -- init --------------------------------------------------------------------------------
+
+    def get_initial_variables(
+        self,
+        rng: jax.Array,
+        input_shapes: Mapping[str, tuple[int, ...]],
+        input_types: Mapping[str, Any] | None = None,
+    ) -> PyTree:
+        """Initial variables (parameters boxed with their logical axis names).
+
+        Args:
+          rng: PRNG key.
+          input_shapes: shape per batch key (at least the keys of `INPUT_TYPES`).
+          input_types: dtype per key; defaults to `INPUT_TYPES`.
+
+        Returns:
+          {"params": ...} with `nn.LogicallyPartitioned` leaves (`nn.unbox` gives arrays).
+        """
+        missing = sorted(set(INPUT_TYPES) - set(input_shapes))
+        if missing:
+            raise ValueError(f"input_shapes lacks batch keys {missing}")
+        types = dict(INPUT_TYPES)
+        types.update(input_types or {})
+        batch = {k: jnp.zeros(input_shapes[k], types[k]) for k in INPUT_TYPES}
+        params_rng, dropout_rng = jax.random.split(rng)
+        return self.module.init(
+            {"params": params_rng, "dropout": dropout_rng}, batch, deterministic=True
+        )
+
+    # -- training ----------------------------------------------------------------------------
+
+    def _apply(self, params: PyTree, batch: Batch, dropout_rng: jax.Array | None):
+        deterministic = dropout_rng is None
+        if dropout_rng is None:
+            dropout_rng = jax.random.PRNGKey(_EVAL_DROPOUT_SEED)
+        return self.module.apply(
+            {"params": params},
+            dict(batch),
+            deterministic=deterministic,
+            rngs={"dropout": dropout_rng},
+        )
+
+    def loss_fn(
+        self, params: PyTree, batch: Batch, dropout_rng: jax.Array | None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Weighted Spectron loss of one batch.
+
+        Args:
+          params: the parameter tree (boxed or not).
+          batch: a model batch (CONTRACTS.md section 2).
+          dropout_rng: PRNG key for dropout and SpecAugment; None evaluates deterministically.
+
+        Returns:
+          (loss float32[], metrics): float32 scalar means over the batch, see
+          `losses.spectron_loss` (`loss`, `ce`, `spec`, `freq_delta`, `time_delta`, accuracies,
+          counts).
+        """
+        logits, frames, aux = self._apply(params, batch, dropout_rng)
+        return losses.spectron_loss(
+            logits=logits,
+            target_tokens=batch["decoder_target_tokens"],
+            loss_weights=batch["decoder_loss_weights"],
+            text_part=batch["text_part"],
+            pred_frames=frames,
+            target_frames=batch["target_frames"],
+            frame_mask=batch["frame_mask"],
+            config=self.config.loss,
+            stop_logits=aux.get("stop_logits"),
+            reduction_factor=self.config.reduction_factor,
+        )
+
+    def score_batch(self, params: PyTree, batch: Batch) -> jax.Array:
+        """Log-likelihood of each example's transcript: float32[B], summed over valid targets."""
+        logits, _, _ = self._apply(params, batch, None)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        target = jnp.take_along_axis(logp, batch["decoder_target_tokens"][..., None], -1)[..., 0]
+        return jnp.sum(target * batch["decoder_loss_weights"].astype(jnp.float32), axis=-1)
+
+    def predict_batch_with_aux(
+        self, params: PyTree, batch: Batch, rng: jax.Array | None = None, **decode_options
+    ) -> tuple[Any, dict[str, Any]]:
+        """Text and speech generation with a KV cache (not implemented yet)."""
+        raise NotImplementedError(
+            "SpectronModel.predict_batch_with_aux: decoding (text with a KV cache, then frames "
+            "through pre-net/post-net) comes with spectron_jax/decoding.py (issue 5); use "
+            "loss_fn / score_batch for teacher-forced evaluation until then."
+        )
+
+    # -- optimizer partition -----------------------------------------------------------------
+
+    def trainable_mask(self, params: PyTree) -> PyTree:
+        """bool tree like `params`: False under `encoder` when the encoder is frozen."""
+        frozen = self.config.encoder_frozen
+
+        def trainable(path, _):
+            top = getattr(path[0], "key", None) if path else None
+            return not (frozen and top == "encoder")
+
+        return jax.tree_util.tree_map_with_path(trainable, params)
+
+
+@gin.configurable(module="spectron")
+def spectron_model(config: SpectronConfig = gin.REQUIRED) -> SpectronModel:
+    """Gin entry point: `train.model = @spectron.spectron_model()` with `config = %MODEL_CONFIG`."""
+    return SpectronModel(config)
+
+
+# ------------------------------------------------------------------------------------------------
+# Parameter counts (abstract: nothing is allocated).
+# ------------------------------------------------------------------------------------------------
+
+
+def param_counts(config: SpectronConfig) -> dict[str, int]:
+    """Parameters per top-level component (`encoder`, `connector`, `decoder`, ...) and `total`."""
+    model = SpectronModel(config)
+    shapes = example_input_shapes(config)
+    variables = jax.eval_shape(
+        lambda rng: model.get_initial_variables(rng, shapes), jax.random.PRNGKey(0)
+    )
+    counts = {
+        name: sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(sub))
+        for name, sub in variables["params"].items()
+    }
+    counts["total"] = sum(counts.values())
+    return counts
