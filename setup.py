@@ -8,7 +8,7 @@ import setuptools
 setuptools.setup(
     name="spectron-jax",
     version="0.1.0",
-    description="Spectron: speech in, speech out, on spectrograms, in JAX/Flax (T5X-style trainer).",
+    description="Spectron: speech in, speech out, on spectrograms, in JAX/Flax.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
