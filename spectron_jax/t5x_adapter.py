@@ -1,0 +1,348 @@
+"""T5X adapter: train `SpectronModel` with `python -m t5x.train` where t5x is installed.
+
+T5X is not on PyPI, so the project never depends on it. This module is split in two:
+
+* Pure helpers (importable anywhere, no t5x): `params_axes_from_logical` builds the legacy
+  `params_axes` collection T5X's partitioner reads from our flax logical-partitioning metadata;
+  `t5x_logical_axis_rules` translates our rules table (mesh axes data/fsdp/tensor) to T5X's
+  two-axis mesh (data/model); `frozen_encoder_transform` keeps a frozen encoder out of an optax
+  optimizer; `spectron_t5x_model` / `spectron_t5x_optimizer` are the gin entry points.
+* `SpectronT5XModel`, a `t5x.models.BaseModel` subclass, built on first attribute access
+  (`t5x_adapter.SpectronT5XModel`); without t5x that access raises an ImportError that says how
+  to install it.
+
+How T5X consumes it (t5x/train.py, train_state.py, partitioning.py):
+  - `model.FEATURE_CONVERTER_CLS(pack=..., use_custom_packing_ops=...)` builds the converter,
+    so the instance binds `reduction_factor`, `bos_id`, `eos_id` with a partial. `pack` must
+    be False (fixed-slot layout): gin/t5x/spectron_tiny.gin sets `DatasetConfig.pack = False`.
+  - `get_initial_variables` returns `{"params": arrays, "params_axes": {..."<name>_axes":
+    AxisMetadata(names)}}`; `FlaxOptimTrainState.create` checks that every parameter has axes and
+    `PjitPartitioner.get_mesh_axes` maps them with `flax.linen.partitioning.logical_to_mesh_axes`.
+  - Metrics are clu `Metric`s (`AveragePerStep` for our batch-mean scalars).
+
+Known limitations (T5X semantics that differ from spectron_jax.train):
+  - T5X's `logical_to_mesh_axes` does not replicate a dimension that its mesh axis does not
+    divide (our `partitioning.logical_to_mesh_spec` does): size the mesh to divide the model.
+  - T5X sums gradients over microbatches while our loss is a batch mean: with
+    `Trainer.num_microbatches = k` the effective learning rate is k times larger.
+  - The learning-rate schedule lives inside the optax optimizer (`OptaxWrapper` ignores T5X's
+    `learning_rate_fn`, which is then only logged).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.linen.partitioning import AxisMetadata
+
+from spectron_jax.config import SpectronConfig
+from spectron_jax.feature_converter import SpectronFeatureConverter
+from spectron_jax.models import INPUT_TYPES, SpectronModel
+from spectron_jax.partitioning import LOGICAL_AXIS_RULES
+
+PyTree = Any
+
+_T5X_INSTALL_HINT = (
+    "spectron_jax.t5x_adapter.SpectronT5XModel needs T5X, which is not on PyPI: install it from "
+    "source (git clone https://github.com/google-research/t5x && pip install -e ./t5x) or train "
+    "with the built-in trainer: python -m spectron_jax.train --gin_file=gin/spectron_tiny.gin"
+)
+
+# Our mesh axes -> T5X's PjitPartitioner mesh axes ("data", "model"). fsdp is data parallelism
+# with sharded parameters: in T5X that is the data axis (its parameter_partitioning_dims=2 rules).
+_TENSOR_AXIS = "model"
+
+
+# ------------------------------------------------------------------------------------------------
+# Pure helpers (no t5x).
+# ------------------------------------------------------------------------------------------------
+
+
+def _logical_names(leaf: Any) -> tuple[str | None, ...]:
+    """Logical axis names of a boxed leaf, deduplicated for flax's `logical_to_mesh_axes`.
+
+    flax (and so T5X) rejects a name used twice in one array ("Dimensions ... occur more than
+    once"), e.g. a 2-D conv kernel ("conv", "conv", None, "mlp"). A mesh axis can shard one
+    dimension at most anyway, so later repeats become None: the same sharding our
+    `partitioning.logical_to_mesh_spec` gives.
+    """
+    value = leaf.value if isinstance(leaf, nn.Partitioned) else leaf
+    ndim = len(getattr(value, "shape", ()))
+    if not isinstance(leaf, nn.Partitioned):
+        return (None,) * ndim  # no metadata: replicated
+    names = tuple(leaf.names)
+    if len(names) != ndim:
+        raise ValueError(f"logical names {names} do not match shape {value.shape}")
+    seen: set[str] = set()
+    out: list[str | None] = []
+    for name in names:
+        if isinstance(name, str) and name in seen:
+            out.append(None)
+            continue
+        if isinstance(name, str):
+            seen.add(name)
+        out.append(name)
+    return tuple(out)
+
+
+def params_axes_from_logical(variables: Mapping[str, Any]) -> dict[str, Any]:
+    """The legacy `params_axes` collection T5X reads, from flax logical-partitioning metadata.
+
+    Args:
+      variables: `{"params": tree}` whose leaves are `nn.LogicallyPartitioned` boxes (as returned
+        by `SpectronModel.get_initial_variables`, or its `jax.eval_shape`); unboxed leaves are
+        allowed and get all-None (replicated) names.
+
+    Returns:
+      A nested dict mirroring `params` in which the leaf `name` becomes `name + "_axes"` holding
+      `flax.linen.partitioning.AxisMetadata(names=(...))`, one name per dimension (what
+      `flax.linen.partitioning.param_with_axes` would have sown).
+    """
+    if "params" not in variables:
+        raise ValueError(f"expected a variables dict with 'params', got keys {sorted(variables)}")
+
+    def convert(tree: Mapping[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, sub in tree.items():
+            if isinstance(sub, Mapping):
+                out[key] = convert(sub)
+            else:
+                out[f"{key}_axes"] = AxisMetadata(names=_logical_names(sub))
+        return out
+
+    return convert(variables["params"])
+
+
+def unbox_with_axes(variables: Mapping[str, Any]) -> flax.core.FrozenDict:
+    """`{"params": plain arrays, "params_axes": ...}`: the variables layout T5X expects.
+
+    Frozen, like legacy flax's `init`: T5X maps optimizer states (built on `params`) against
+    `flax_partitioning.get_axis_names(params_axes)`, which is a FrozenDict, so the two trees
+    must have the same container type.
+    """
+    return flax.core.freeze(
+        {
+            # `.value`, not `nn.unbox`: unbox adds sharding constraints under the caller's
+            # rules (T5X's), which reject repeated names; T5X's out_shardings place the arrays.
+            "params": jax.tree.map(
+                lambda x: x.value if isinstance(x, nn.Partitioned) else x,
+                dict(variables["params"]),
+                is_leaf=lambda x: isinstance(x, nn.Partitioned),
+            ),
+            "params_axes": params_axes_from_logical(variables),
+        }
+    )
+
+
+def _mesh_axis(axes: Any, shard_params_over_data: bool) -> Any:
+    """Translates one rule's mesh axes to T5X's ("data", "model") mesh."""
+    if axes is None:
+        return None
+    translated = []
+    for axis in axes if isinstance(axes, tuple) else (axes,):
+        if axis == "data":
+            new = "data"
+        elif axis == "fsdp":
+            new = "data" if shard_params_over_data else None
+        elif axis == "tensor":
+            new = _TENSOR_AXIS
+        else:
+            raise ValueError(f"unknown mesh axis {axis!r} in the logical-axis rules")
+        if new is not None and new not in translated:
+            translated.append(new)
+    if not translated:
+        return None
+    return translated[0] if len(translated) == 1 else tuple(translated)
+
+
+def t5x_logical_axis_rules(
+    shard_params_over_data: bool = False,
+    rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES,
+) -> tuple[tuple[str, Any], ...]:
+    """Our logical-axis rules table for T5X's `PjitPartitioner` (mesh axes "data", "model").
+
+    `data` -> "data", `tensor` -> "model", `fsdp` -> "data" when `shard_params_over_data` (T5X's
+    2-D parameter sharding) and replicated otherwise (T5X's default 1-D rules). A batch rule
+    over (data, fsdp) becomes plain "data".
+
+    Args:
+      shard_params_over_data: shard the `embed` parameter dimension over the data axis.
+      rules: our table (`partitioning.LOGICAL_AXIS_RULES`).
+
+    Returns:
+      `(logical_name, mesh_axis_or_None)` pairs, in our table's priority order.
+    """
+    out = []
+    for name, axes in rules:
+        # (data, fsdp) batch rules collapse to "data" either way.
+        out.append((name, _mesh_axis(axes, shard_params_over_data)))
+    return tuple(out)
+
+
+def frozen_labels(model: SpectronModel) -> Callable[[PyTree], PyTree]:
+    """`optax.multi_transform` label function: "frozen" under a frozen encoder, else "trainable"."""
+
+    def labels(params: PyTree) -> PyTree:
+        return jax.tree.map(lambda t: "trainable" if t else "frozen", model.trainable_mask(params))
+
+    return labels
+
+
+def frozen_encoder_transform(
+    inner: optax.GradientTransformation, model: SpectronModel
+) -> optax.GradientTransformation:
+    """`inner` on the trainable parameters; zero updates and no optimizer state for a frozen
+    encoder (the same partition as the built-in trainer, `SpectronModel.trainable_mask`)."""
+    return optax.multi_transform(
+        {"trainable": inner, "frozen": optax.set_to_zero()}, frozen_labels(model)
+    )
+
+
+def _numpy_dtype(dtype: Any) -> Any:
+    """T5X passes the dataset's `tf.DType`s as `input_types`; jnp wants numpy dtypes."""
+    return np.dtype(getattr(dtype, "as_numpy_dtype", dtype))
+
+
+def _import_t5x():
+    try:
+        from t5x import metrics as t5x_metrics
+        from t5x import models as t5x_models
+        from t5x import optimizers as t5x_optimizers
+    except ImportError as e:
+        raise ImportError(_T5X_INSTALL_HINT) from e
+    return t5x_models, t5x_metrics, t5x_optimizers
+
+
+def spectron_t5x_optimizer(
+    config: SpectronConfig, inner: optax.GradientTransformation, clip_norm: float | None = None
+):
+    """A T5X `OptaxWrapper`: global-norm clipping, then `inner` with the frozen encoder kept out.
+
+    Args:
+      config: the model config (says whether the encoder is frozen).
+      inner: the optax optimizer (its schedule included) for the trainable parameters.
+      clip_norm: clip gradients to this global norm first (over trainable parameters only,
+        as in the built-in trainer); None = no clipping.
+    """
+    _, _, t5x_optimizers = _import_t5x()
+    if clip_norm is not None:
+        inner = optax.chain(optax.clip_by_global_norm(clip_norm), inner)
+    return t5x_optimizers.OptaxWrapper(frozen_encoder_transform(inner, SpectronModel(config)))
+
+
+def spectron_t5x_model(
+    config: SpectronConfig, optimizer_def: Any, bos_id: int = 3, eos_id: int = 1
+):
+    """Gin entry point (dynamic registration): `MODEL = @t5x_adapter.spectron_t5x_model()`.
+
+    Needs t5x when called, not when the gin file is parsed.
+    """
+    return _adapter_class()(config, optimizer_def, bos_id=bos_id, eos_id=eos_id)
+
+
+# ------------------------------------------------------------------------------------------------
+# The BaseModel subclass (needs t5x; built on first use).
+# ------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _adapter_class() -> type:
+    t5x_models, t5x_metrics, _ = _import_t5x()
+    from clu import metrics as clu_metrics
+
+    class SpectronT5XModel(t5x_models.BaseModel):
+        """`SpectronModel` behind T5X's `BaseModel` interface.
+
+        Attributes:
+          spectron: the wrapped `SpectronModel` (its methods do the work).
+          module: the flax `Spectron` module.
+          FEATURE_CONVERTER_CLS: `SpectronFeatureConverter` with the model's reduction factor
+            and BOS/EOS ids bound (T5X calls it with `pack=` and `use_custom_packing_ops=`).
+        """
+
+        FEATURE_CONVERTER_CLS = SpectronFeatureConverter
+
+        def __init__(self, config: SpectronConfig, optimizer_def: Any, *, bos_id=3, eos_id=1):
+            super().__init__(optimizer_def=optimizer_def)
+            self.config = config
+            self.spectron = SpectronModel(config)
+            self.module = self.spectron.module
+            converter = functools.partial(
+                SpectronFeatureConverter,
+                reduction_factor=config.reduction_factor,
+                bos_id=bos_id,
+                eos_id=eos_id,
+            )
+
+            def feature_converter_cls(*, pack=False, use_custom_packing_ops=False, **kw):
+                del use_custom_packing_ops  # nothing to pack
+                if pack:
+                    raise ValueError(
+                        "Spectron's fixed-slot batches cannot be packed: set "
+                        "train/utils.DatasetConfig.pack = False (and train_eval/...)"
+                    )
+                return converter(pack=False, **kw)
+
+            self.FEATURE_CONVERTER_CLS = feature_converter_cls
+
+        def get_initial_variables(self, rng, input_shapes, input_types=None):
+            """`{"params", "params_axes"}` from the batch shapes T5X reads off the dataset."""
+            shapes = {k: tuple(input_shapes[k]) for k in INPUT_TYPES if k in input_shapes}
+            types = {k: _numpy_dtype(v) for k, v in (input_types or {}).items() if k in INPUT_TYPES}
+            # No logical rules inside init: flax's unbox would constrain each param under T5X's
+            # rules and reject a repeated name (the conv kernels' ("conv", "conv", ...)). The
+            # partitioner's out_shardings (from params_axes, deduplicated) place them anyway.
+            with nn.logical_axis_rules(()):
+                variables = self.spectron.get_initial_variables(rng, shapes, types)
+            return unbox_with_axes(variables)
+
+        def _metrics(self, loss, metrics, batch):
+            num_examples = jnp.asarray(batch["decoder_target_tokens"].shape[0])
+            out = {
+                k: t5x_metrics.AveragePerStep(total=jnp.asarray(v, jnp.float32))
+                for k, v in metrics.items()
+            }
+            out["loss"] = t5x_metrics.AveragePerStep(total=jnp.asarray(loss, jnp.float32))
+            out["timing/seqs_per_second"] = t5x_metrics.TimeRate.from_model_output(
+                numerator=num_examples
+            )
+            out["timing/steps_per_second"] = t5x_metrics.StepsPerTime.from_model_output()
+            out["timing/seconds"] = t5x_metrics.Time()
+            out["timing/seqs"] = t5x_metrics.Sum(num_examples)
+            out["non_padding_fraction/frames"] = clu_metrics.Average.from_model_output(
+                batch["frame_mask"].astype(jnp.float32)
+            )
+            return out
+
+        def loss_fn(self, params, batch, dropout_rng):
+            loss, metrics = self.spectron.loss_fn(params, batch, dropout_rng)
+            return loss, self._metrics(loss, metrics, batch)
+
+        def eval_fn(self, params, batch):
+            loss, metrics = self.spectron.loss_fn(params, batch, None)
+            return loss, self._metrics(loss, metrics, batch)
+
+        def predict_batch_with_aux(self, params, batch, rng=None, **decode_options):
+            return self.spectron.predict_batch_with_aux(params, batch, rng=rng, **decode_options)
+
+        def score_batch(self, params, batch, return_intermediates=False):
+            if return_intermediates:
+                raise NotImplementedError("SpectronT5XModel.score_batch: no intermediates")
+            return self.spectron.score_batch(params, batch)
+
+    return SpectronT5XModel
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: the subclass exists only where t5x imports; everything else works without it.
+    if name == "SpectronT5XModel":
+        return _adapter_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

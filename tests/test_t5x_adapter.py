@@ -1,0 +1,373 @@
+"""The T5X adapter: params_axes, axis rules, frozen-encoder optimizer and gin file without t5x;
+the BaseModel subclass and T5X's own train-state/partitioner plumbing where t5x imports."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import traverse_util
+from flax.linen import partitioning as flax_partitioning
+from jax.sharding import PartitionSpec
+
+import gin
+from spectron_jax import partitioning, t5x_adapter
+from spectron_jax.feature_converter import SpectronFeatureConverter
+from spectron_jax.models import SpectronModel, example_input_shapes
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+T5X_GIN = "gin/t5x/spectron_tiny.gin"
+# Names only T5X defines (ours and those of its runs/pretrain.gin): skipped when t5x is absent.
+T5X_SELECTORS = [
+    "partitioning.PjitPartitioner",
+    "partitioning.standard_logical_axis_rules",
+    "utils.DatasetConfig",
+    "utils.CheckpointConfig",
+    "utils.SaveCheckpointConfig",
+    "utils.RestoreCheckpointConfig",
+    "utils.create_learning_rate_scheduler",
+    "trainer.Trainer",
+    "gin_utils.summarize_gin_config",
+    "train_script.train",
+]
+
+
+def _t5x_importable() -> bool:
+    try:
+        import t5x  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _tiny_config(**overrides):
+    from spectron_jax import config as config_lib  # noqa: F401  (registers the configurables)
+
+    with gin.unlock_config():
+        gin.clear_config()
+        gin.parse_config_files_and_bindings(
+            [str(REPO / "gin/models/tiny.gin")],
+            [f"spectron.spectron_config.{k} = {v!r}" for k, v in overrides.items()],
+        )
+        config = gin.query_parameter("spectron.spectron_model.config").scoped_configurable_fn()
+        gin.clear_config()
+    return config
+
+
+@pytest.fixture(scope="module")
+def tiny_config():
+    return _tiny_config()
+
+
+@pytest.fixture(scope="module")
+def abstract_variables(tiny_config):
+    model = SpectronModel(tiny_config)
+    shapes = example_input_shapes(tiny_config)
+    return jax.eval_shape(lambda r: model.get_initial_variables(r, shapes), jax.random.PRNGKey(0))
+
+
+def _flat(tree):
+    return traverse_util.flatten_dict(tree, sep="/")
+
+
+def _boxed_leaves(variables):
+    is_box = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
+    flat = jax.tree_util.tree_flatten_with_path(variables["params"], is_leaf=is_box)[0]
+    return {"/".join(str(k.key) for k in path): leaf for path, leaf in flat}
+
+
+# ------------------------------------------------------------------------------------------------
+# Without t5x.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_params_axes_cover_every_param_with_its_logical_names(abstract_variables):
+    axes = t5x_adapter.params_axes_from_logical(abstract_variables)
+    boxed = _boxed_leaves(abstract_variables)
+    flat_axes = _flat(axes)
+    assert all(k.endswith("_axes") for k in flat_axes)
+    assert {k[: -len("_axes")] for k in flat_axes} == set(boxed)
+    for path, leaf in boxed.items():
+        names = flat_axes[path + "_axes"].names
+        assert isinstance(flat_axes[path + "_axes"], flax_partitioning.AxisMetadata)
+        assert len(names) == leaf.value.ndim, path
+        # Same names as the flax metadata, except that repeats (2-D conv taps) become None.
+        for i, (ours, theirs) in enumerate(zip(names, leaf.names, strict=True)):
+            repeated = theirs is not None and theirs in leaf.names[:i]
+            assert ours == (None if repeated else theirs), (path, names, leaf.names)
+    assert flat_axes["decoder/embedder/embedding_axes"].names == ("vocab", "embed")
+    conv = flat_axes["encoder/subsampling/conv1/kernel_axes"].names
+    assert conv == ("conv", None, None, "mlp")
+    # flax's own reader (what T5X's FlaxOptimTrainState calls) strips "_axes" and gives specs.
+    specs = _flat(flax_partitioning.get_axis_names(axes))
+    assert set(specs) == set(boxed)
+    assert specs["decoder/embedder/embedding"] == PartitionSpec("vocab", "embed")
+
+
+def test_params_axes_unboxed_leaves_are_replicated_and_bad_input_fails():
+    variables = {"params": {"dense": {"kernel": jnp.zeros((3, 4)), "bias": jnp.zeros((4,))}}}
+    axes = t5x_adapter.params_axes_from_logical(variables)
+    assert axes["dense"]["kernel_axes"].names == (None, None)
+    assert axes["dense"]["bias_axes"].names == (None,)
+    with pytest.raises(ValueError, match="'params'"):
+        t5x_adapter.params_axes_from_logical({"cache": {}})
+    bad = {"params": {"w": nn.LogicallyPartitioned(jnp.zeros((2, 3)), names=("embed",))}}
+    with pytest.raises(ValueError, match="do not match shape"):
+        t5x_adapter.params_axes_from_logical(bad)
+
+
+def test_unbox_with_axes_gives_plain_arrays(tiny_config):
+    model = SpectronModel(tiny_config)
+    variables = jax.eval_shape(
+        lambda r: model.get_initial_variables(r, example_input_shapes(tiny_config)),
+        jax.random.PRNGKey(0),
+    )
+    out = t5x_adapter.unbox_with_axes(variables)
+    assert set(out) == {"params", "params_axes"}
+    assert isinstance(out["params"], flax.core.FrozenDict)
+    leaves = jax.tree.leaves(out["params"])
+    assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+
+
+def test_t5x_rules_table_translates_ours():
+    rules = dict(t5x_adapter.t5x_logical_axis_rules())
+    assert set(rules) == {name for name, _ in partitioning.LOGICAL_AXIS_RULES}
+    assert rules["batch"] == "data" and rules["activation_batch"] == "data"
+    assert rules["embed"] is None
+    for name in ("vocab", "mlp", "heads", "kv_heads", "activation_mlp"):
+        assert rules[name] == "model"
+    assert set(rules.values()) <= {"data", "model", None}
+    assert dict(t5x_adapter.t5x_logical_axis_rules(shard_params_over_data=True))["embed"] == "data"
+    with pytest.raises(ValueError, match="unknown mesh axis"):
+        t5x_adapter.t5x_logical_axis_rules(rules=(("embed", "pipeline"),))
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_t5x_param_shardings_equal_ours(abstract_variables, fsdp):
+    """T5X's mapping (flax logical_to_mesh_axes over params_axes + translated rules) shards every
+    tiny parameter exactly as our partitioning does on the equivalent mesh."""
+    devices = jax.devices()[:4]
+    ours = {"data": 2, "fsdp": 1, "tensor": 2} if not fsdp else {"data": 1, "fsdp": 2, "tensor": 2}
+    mesh = partitioning.create_mesh(**ours, devices=devices)
+    # T5X's mesh has two axes; its "data" plays our data (or fsdp) axis, "model" our tensor axis.
+    rename = {"model": "tensor", "data": "fsdp" if fsdp else "data"}
+    t5x_rules = t5x_adapter.t5x_logical_axis_rules(shard_params_over_data=fsdp)
+    specs = _flat(
+        flax_partitioning.get_axis_names(t5x_adapter.params_axes_from_logical(abstract_variables))
+    )
+    for path, leaf in _boxed_leaves(abstract_variables).items():
+        theirs = flax_partitioning.logical_to_mesh_axes(specs[path], t5x_rules)
+        theirs = tuple(rename.get(a, a) if a else None for a in theirs)
+        mine = partitioning.logical_to_mesh_spec(PartitionSpec(*leaf.names), leaf.value.shape, mesh)
+        mine = tuple(mine) + (None,) * (leaf.value.ndim - len(mine))
+        assert theirs == mine, path
+
+
+def test_frozen_encoder_transform_keeps_encoder_out():
+    model = SpectronModel(_tiny_config(encoder_frozen=True))
+    # trainable_mask looks at the top-level component only: small arrays under the real names.
+    rng = np.random.default_rng(0)
+    params = {
+        top: {
+            "dense": {
+                "kernel": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
+                "bias": jnp.zeros((4,), jnp.float32),
+            }
+        }
+        for top in ("encoder", "connector", "decoder", "pre_net", "post_net")
+    }
+    tx = t5x_adapter.frozen_encoder_transform(optax.adamw(1e-2), model)
+    state = tx.init(params)
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+    for top, sub in updates.items():
+        peak = max(float(jnp.abs(u).max()) for u in jax.tree.leaves(sub))
+        assert (peak == 0.0) == (top == "encoder"), (top, peak)
+    # No Adam moments for the frozen encoder: the trainable group's state masks it out.
+    is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+    adam = next(
+        s for s in jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, "mu")) if hasattr(s, "mu")
+    )
+    assert all(is_masked(x) for x in jax.tree.leaves(adam.mu["encoder"], is_leaf=is_masked))
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(adam.mu["decoder"]))
+    # With a trainable encoder, every component moves.
+    tx = t5x_adapter.frozen_encoder_transform(optax.adamw(1e-2), SpectronModel(_tiny_config()))
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+    assert float(jnp.abs(updates["encoder"]["dense"]["kernel"]).max()) > 0
+
+
+def _parse_t5x_gin(tmp_path, bindings=()):
+    """Parses gin/t5x/spectron_tiny.gin; T5X's pretrain.gin comes from SPECTRON_T5X_SRC when set,
+    else from a stand-in that declares the macros T5X's file declares as required."""
+    src = os.environ.get("SPECTRON_T5X_SRC")
+    search = [str(REPO)]
+    if src:
+        search.insert(0, src)
+    else:
+        stub = tmp_path / "t5x" / "configs" / "runs"
+        stub.mkdir(parents=True)
+        (stub / "pretrain.gin").write_text(
+            "MIXTURE_OR_TASK_NAME = %gin.REQUIRED\nTASK_FEATURE_LENGTHS = %gin.REQUIRED\n"
+            "TRAIN_STEPS = %gin.REQUIRED\nMODEL_DIR = %gin.REQUIRED\nBATCH_SIZE = 128\n"
+            "USE_CACHED_TASKS = True\n"
+        )
+        search.insert(0, str(tmp_path))
+    gin.clear_config()
+    for path in search:
+        gin.add_config_file_search_path(path)
+    gin.parse_config_files_and_bindings(
+        [T5X_GIN],
+        [f"MODEL_DIR = '{tmp_path / 'model'}'", *bindings],
+        # `train_script` is __main__ (t5x.train when run for real, pytest here).
+        skip_unknown=["train_script.train"] if _t5x_importable() else T5X_SELECTORS,
+    )
+
+
+def test_t5x_gin_parses_and_binds_our_parts(tmp_path):
+    import seqio
+
+    import spectron_tasks  # noqa: F401  (registers the task)
+
+    try:
+        _parse_t5x_gin(tmp_path)
+        model_ref = gin.query_parameter("%MODEL")
+        assert model_ref.selector.endswith("t5x_adapter.spectron_t5x_model")
+        config = gin.query_parameter("t5x_adapter.spectron_t5x_model.config")
+        config = (
+            config.scoped_configurable_fn() if hasattr(config, "scoped_configurable_fn") else config
+        )
+        lengths = gin.query_parameter("%TASK_FEATURE_LENGTHS")
+        task = gin.query_parameter("%MIXTURE_OR_TASK_NAME")
+        assert task == "spectron_synthetic_counting"
+        assert task in seqio.TaskRegistry.names()
+        assert set(lengths) == set(SpectronFeatureConverter.TASK_FEATURES)
+        assert lengths["continuation_frames"] % config.reduction_factor == 0
+        assert gin.query_parameter("%USE_CACHED_TASKS") is False
+        # The optimizer's inner optax transformation builds from the gin bindings alone.
+        inner = gin.query_parameter("t5x_adapter.spectron_t5x_optimizer.inner")
+        tx = inner.scoped_configurable_fn()
+        assert isinstance(tx, optax.GradientTransformation)
+        schedule = gin.query_parameter("optax.adamw.learning_rate").scoped_configurable_fn()
+        warmup = gin.query_parameter("%WARMUP_STEPS")
+        np.testing.assert_allclose(schedule(warmup), gin.query_parameter("%LEARNING_RATE"))
+    finally:
+        gin.clear_config()
+
+
+def test_adapter_class_without_t5x_says_how_to_get_it():
+    if _t5x_importable():
+        pytest.skip("t5x is installed")
+    with pytest.raises(ImportError, match="not on PyPI"):
+        t5x_adapter.SpectronT5XModel  # noqa: B018
+    with pytest.raises(AttributeError):
+        t5x_adapter.NoSuchThing  # noqa: B018
+
+
+# ------------------------------------------------------------------------------------------------
+# With t5x.
+# ------------------------------------------------------------------------------------------------
+
+
+def _t5x_model(config):
+    optimizer = t5x_adapter.spectron_t5x_optimizer(config, optax.adamw(1e-3), clip_norm=1.0)
+    return t5x_adapter.spectron_t5x_model(config, optimizer)
+
+
+def _tf_types(shapes):
+    import tensorflow as tf
+
+    floats = ("encoder_features", "decoder_loss_weights", "target_frames")
+    return {k: tf.float32 if k in floats else tf.int32 for k in shapes}
+
+
+def test_adapter_through_t5x_train_state_and_partitioner(tiny_config):
+    pytest.importorskip("t5x")
+    from t5x import partitioning as t5x_partitioning
+    from t5x import train_state as t5x_train_state
+
+    model = _t5x_model(tiny_config)
+    assert isinstance(model, t5x_adapter.SpectronT5XModel)
+    converter = model.FEATURE_CONVERTER_CLS(pack=False, use_custom_packing_ops=False)
+    assert converter.reduction_factor == tiny_config.reduction_factor
+    with pytest.raises(ValueError, match="pack"):
+        model.FEATURE_CONVERTER_CLS(pack=True, use_custom_packing_ops=False)
+
+    # What t5x.utils.TrainStateInitializer does: abstract init with the dataset's tf dtypes,
+    # FlaxOptimTrainState (validates params_axes), then the partitioner's mesh axes.
+    shapes = example_input_shapes(tiny_config, batch_size=2)
+    types = _tf_types(shapes)
+
+    def init(rng):
+        variables = model.get_initial_variables(rng, shapes, types)
+        return t5x_train_state.FlaxOptimTrainState.create(model.optimizer_def, variables)
+
+    state = jax.eval_shape(init, jax.random.PRNGKey(0))
+    partitioner = t5x_partitioning.PjitPartitioner(
+        num_partitions=1, logical_axis_rules=t5x_adapter.t5x_logical_axis_rules()
+    )
+    mesh_axes = partitioner.get_mesh_axes(state)
+    assert mesh_axes.params["decoder"]["embedder"]["embedding"] == PartitionSpec("model", None)
+    assert mesh_axes.params["encoder"]["subsampling"]["conv1"]["kernel"] == PartitionSpec(
+        None, None, None, "model"
+    )
+
+
+@pytest.mark.slow
+def test_adapter_loss_and_score_match_the_model(tiny_config):
+    pytest.importorskip("t5x")
+    model = _t5x_model(tiny_config)
+    shapes = example_input_shapes(tiny_config, batch_size=2)
+    types = _tf_types(shapes)
+    variables = jax.jit(lambda r: model.get_initial_variables(r, shapes, types))(
+        jax.random.PRNGKey(0)
+    )
+    rng = np.random.default_rng(0)
+    batch = {k: jnp.asarray(rng.normal(size=s), types[k].as_numpy_dtype) for k, s in shapes.items()}
+    batch.update({k: jnp.ones(shapes[k], jnp.int32) for k in ("encoder_mask", "frame_mask")})
+    batch["decoder_loss_weights"] = jnp.ones(shapes["decoder_loss_weights"])
+    batch["text_part"] = jnp.ones(shapes["text_part"], jnp.int32)
+    params = variables["params"]
+    loss, metrics = jax.jit(model.loss_fn)(params, batch, jax.random.PRNGKey(1))
+    ref = jax.jit(SpectronModel(tiny_config).loss_fn)
+    ref_loss, ref_metrics = ref(flax.core.unfreeze(params), batch, jax.random.PRNGKey(1))
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    np.testing.assert_allclose(metrics["loss"].compute(), ref_loss, rtol=1e-6)
+    for k, v in ref_metrics.items():
+        np.testing.assert_allclose(metrics[k].compute(), v, rtol=1e-6)
+    eval_loss, _ = jax.jit(model.eval_fn)(params, batch)
+    np.testing.assert_allclose(eval_loss, ref(params, batch, None)[0], rtol=1e-6)
+    assert jax.jit(model.score_batch)(params, batch).shape == (2,)
+
+
+@pytest.mark.slow
+def test_t5x_train_runs_the_gin_file(tmp_path):
+    """`python -m t5x.train --gin_file=gin/t5x/spectron_tiny.gin` for a few steps."""
+    src = os.environ.get("SPECTRON_T5X_SRC")
+    if not src:
+        pytest.skip("set SPECTRON_T5X_SRC to a t5x checkout to run T5X's trainer")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
+    cmd = [
+        sys.executable,
+        "-m",
+        "t5x.train",
+        f"--gin_search_paths={REPO}",
+        f"--gin_file={T5X_GIN}",
+        f"--gin.MODEL_DIR='{tmp_path / 'model'}'",
+        "--gin.TRAIN_STEPS=2",
+        "--gin.WARMUP_STEPS=1",
+        "--gin.BATCH_SIZE=4",
+        "--gin.train.eval_period=2",
+        "--gin.train.eval_steps=1",
+        "--gin.utils.SaveCheckpointConfig.period=2",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert list((tmp_path / "model").glob("checkpoint_2*")), proc.stderr[-2000:]
