@@ -153,12 +153,15 @@ class SpectronModel:
     def predict_batch_with_aux(
         self, params: PyTree, batch: Batch, rng: jax.Array | None = None, **decode_options
     ) -> tuple[Any, dict[str, Any]]:
-        """Text and speech generation with a KV cache (not implemented yet)."""
-        raise NotImplementedError(
-            "SpectronModel.predict_batch_with_aux: decoding (text with a KV cache, then frames "
-            "through pre-net/post-net) comes with spectron_jax/decoding.py (issue 5); use "
-            "loss_fn / score_batch for teacher-forced evaluation until then."
-        )
+        """Text then speech generation with a KV cache (`spectron_jax.decoding`).
+
+        `decode_options` are `decoding.DecodeConfig` fields (max_text_tokens, max_frames,
+        temperature, top_k, top_p, text_mode, bos_id, eos_id, ...). Returns
+        ({text_tokens int32[B, L], frames float32[B, T, n_mels]}, {text_lengths, frame_lengths}).
+        """
+        from spectron_jax import decoding  # decoding imports this module.
+
+        return decoding.predict_batch_with_aux(self, params, batch, rng, **decode_options)
 
     # -- optimizer partition -----------------------------------------------------------------
 

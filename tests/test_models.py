@@ -99,12 +99,18 @@ def test_score_batch_matches_per_example_cross_entropy(setup):
     assert len(set(scores.tolist())) == 3
 
 
-def test_predict_is_not_implemented_yet(setup):
+def test_predict_batch_with_aux_generates_text_then_frames(setup):
     config, batch, params = setup
-    with pytest.raises(NotImplementedError, match="decoding"):
-        SpectronModel(config).predict_batch_with_aux(params, batch)
-
-
+    outputs, aux = SpectronModel(config).predict_batch_with_aux(
+        params, batch, max_text_tokens=5, max_frames=6
+    )
+    b = batch["encoder_features"].shape[0]
+    assert outputs["text_tokens"].shape == (b, 5)
+    assert outputs["frames"].shape == (b, 6, config.n_mels)
+    assert np.all(np.isfinite(np.asarray(outputs["frames"])))
+    assert np.all((np.asarray(aux["text_lengths"]) >= 0) & (np.asarray(aux["text_lengths"]) <= 5))
+    with pytest.raises(TypeError):
+        SpectronModel(config).predict_batch_with_aux(params, batch, not_an_option=1)
 def _train(config, batch, params, steps=8):
     mask = SpectronModel(config).trainable_mask(params)
     labels = jax.tree.map(lambda t: "trainable" if t else "frozen", mask)

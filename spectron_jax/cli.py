@@ -1,0 +1,282 @@
+"""The `spectron` command: speech continuation, spoken QA and evaluation of a checkpoint.
+
+    spectron continue --checkpoint DIR --audio prompt.wav --seconds 3 --out out.wav [--png s.png]
+    spectron ask      --checkpoint DIR --audio question.wav --out answer.wav
+    spectron eval     --checkpoint DIR --task spectron_fsdd_counting --split test --out DIR
+
+`continue` and `ask` print the model's transcript of the prompt and its text continuation (or
+answer), and write the generated speech. `--audio` may also be a folder (every .wav/.flac/.ogg in
+it) or a .txt list of paths (one a line, relative to the list; `#` comments); `--out` (and
+`--png`) are then folders. Unreadable files are reported and skipped; the summary names them and
+the exit status is non-zero only when every file failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import pathlib
+import sys
+from collections.abc import Sequence
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs.
+# ------------------------------------------------------------------------------------------------
+
+
+def expand_inputs(audio: str) -> tuple[list[pathlib.Path], bool]:
+    """The files an `--audio` argument names, and whether it is a batch (folder or list).
+
+    A path that does not exist is returned as a one-file "batch" of itself, so that it is
+    reported like any other unreadable file.
+    """
+    path = pathlib.Path(audio)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in AUDIO_SUFFIXES)
+        if not files:
+            raise SystemExit(f"spectron: no {'/'.join(AUDIO_SUFFIXES)} files in {path}")
+        return files, True
+    if path.suffix.lower() == ".txt":
+        if not path.is_file():
+            raise SystemExit(f"spectron: list file {path} does not exist")
+        files = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                entry = pathlib.Path(line)
+                files.append(entry if entry.is_absolute() else path.parent / entry)
+        if not files:
+            raise SystemExit(f"spectron: list file {path} names no files")
+        return files, True
+    return [path], False
+
+
+def _output_names(files: Sequence[pathlib.Path]) -> list[str]:
+    """Unique output stems: the file stem, with a counter where two inputs share one."""
+    seen: dict[str, int] = {}
+    names = []
+    for f in files:
+        n = seen.get(f.stem, 0)
+        seen[f.stem] = n + 1
+        names.append(f.stem if n == 0 else f"{f.stem}_{n}")
+    return names
+
+
+# ------------------------------------------------------------------------------------------------
+# continue / ask.
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Outcome:
+    """One input file's result (`error` set when it failed)."""
+
+    path: str
+    transcript: str = ""
+    continuation: str = ""
+    wav: str = ""
+    error: str = ""
+
+
+def _decode_config(args: argparse.Namespace, loaded, seconds: float):
+    from spectron_jax import decoding, inference
+
+    return decoding.DecodeConfig(
+        max_text_tokens=args.max_text_tokens,
+        max_frames=inference.num_frames_for(loaded.config, seconds),
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        use_stop_logit=args.stop and loaded.config.stop_head,
+        seed=args.seed,
+        **inference.special_ids(loaded.vocabulary),
+    )
+
+
+def run_speech(args: argparse.Namespace, mode: str) -> int:
+    """`continue` (mode "continue") or `ask` (mode "ask") over one file or a batch."""
+    from tqdm import tqdm
+
+    from spectron_jax import inference
+    from spectron_jax.audio.io import AudioError, load_audio, write_wav
+
+    files, is_batch = expand_inputs(args.audio)
+    out = pathlib.Path(args.out)
+    png = pathlib.Path(args.png) if args.png else None
+    if is_batch:
+        if out.suffix.lower() == ".wav":
+            raise SystemExit(f"spectron: --audio {args.audio} is a batch; --out must be a folder")
+        out.mkdir(parents=True, exist_ok=True)
+    loaded = inference.load_model_for_inference(
+        args.checkpoint, inference.load_vocabulary(args.vocab) if args.vocab else None
+    )
+    config = loaded.config
+    vocoder = inference.make_vocoder(args.vocoder, config.spectrogram, args.vocoder_dir)
+    decode_config = _decode_config(args, loaded, args.seconds)
+    rate = config.spectrogram.sample_rate
+    label = "answer" if mode == "ask" else "continuation"
+
+    outcomes = []
+    names = _output_names(files)
+    bar = tqdm(list(zip(files, names, strict=True)), desc=mode, unit="file", disable=not is_batch)
+    for path, name in bar:
+        outcome = Outcome(path=str(path))
+        outcomes.append(outcome)
+        try:
+            waveform, _ = load_audio(path, rate)
+            features = inference.prompt_features(config, waveform, str(path))
+        except AudioError as err:
+            outcome.error = str(err)
+            tqdm.write(f"skipped: {err}", file=sys.stderr)  # The error names the file.
+            continue
+        gen = inference.generate(loaded, [features], decode_config)[0]
+        outcome.transcript, outcome.continuation = inference.split_text(
+            gen.text,
+            prompt_text=args.transcript,
+            prompt_seconds=waveform.size / rate,
+            words_per_second=args.words_per_second,
+        )
+        wav_path = out / f"{name}.wav" if is_batch else out
+        write_wav(wav_path, inference.vocode(vocoder, gen.frames), rate)
+        outcome.wav = str(wav_path)
+        if png is not None:
+            png_path = png / f"{name}.png" if is_batch else png
+            prompt_mel = config.spectrogram.features_numpy(waveform)
+            inference.save_spectrogram_png(png_path, prompt_mel, gen.frames, title=str(path))
+        tqdm.write(
+            f"{path}\n  transcript:   {outcome.transcript}\n  {label + ':':<13} "
+            f"{outcome.continuation}\n  audio:        {wav_path} "
+            f"({len(gen.frames) / config.spectrogram.frames_per_second:.2f} s)"
+        )
+    return _summarise(outcomes, mode)
+
+
+def _summarise(outcomes: Sequence[Outcome], mode: str) -> int:
+    failed = [o for o in outcomes if o.error]
+    done = len(outcomes) - len(failed)
+    print(f"spectron {mode}: {done} of {len(outcomes)} file(s) done, {len(failed)} failed")
+    for o in failed:
+        reason = o.error.removeprefix(f"{o.path}: ")
+        print(f"  FAILED {o.path}: {reason}")
+    return 1 if outcomes and done == 0 else 0
+
+
+# ------------------------------------------------------------------------------------------------
+# eval.
+# ------------------------------------------------------------------------------------------------
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from spectron_jax.evaluation import runner
+
+    options = runner.EvalOptions(
+        seconds=args.seconds,
+        max_examples=args.max_examples,
+        num_samples=args.num_samples,
+        batch_size=args.batch_size,
+        max_text_tokens=args.max_text_tokens,
+        vocoder=args.vocoder,
+        vocoder_dir=args.vocoder_dir,
+        speaker_encoder=args.speaker_encoder,
+        asr_dir=args.asr_dir,
+        lm_dir=args.lm_dir,
+        seed=args.seed,
+    )
+    result = runner.evaluate(
+        args.checkpoint, args.task, args.split, args.out, options, vocabulary_path=args.vocab
+    )
+    print(f"spectron eval: {result.num_examples} examples of {args.task}:{args.split}")
+    for key, value in sorted(result.metrics.items()):
+        print(f"  {key:<32} {value:.4f}" if isinstance(value, float) else f"  {key:<32} {value}")
+    print(f"report: {result.report_path}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Arguments.
+# ------------------------------------------------------------------------------------------------
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True,
+                   help="model dir, its checkpoints/ dir, or one step dir")
+    p.add_argument("--vocab", default=None,
+                   help="SentencePiece .model or tokenizer.json (default: the shipped tiny one)")
+    p.add_argument("--vocoder", choices=("griffin_lim", "hifigan"), default="griffin_lim")
+    p.add_argument("--vocoder-dir", default=None, help="local HF SpeechT5HifiGan folder")
+    p.add_argument("--max-text-tokens", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--stop", action="store_true",
+                   help="end speech at the learned stop logit (models with a stop head)")
+    p.add_argument("--transcript", default=None,
+                   help="the prompt's words, if known: the text is cut at their alignment")
+    p.add_argument("--words-per-second", type=float, default=2.5,
+                   help="speaking rate that places the transcript/continuation cut otherwise")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spectron", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    cont = sub.add_parser("continue", help="continue a spoken prompt (text and speech)")
+    _common(cont)
+    _sampling(cont)
+    cont.add_argument("--audio", required=True, help="a speech file, a folder, or a .txt list")
+    cont.add_argument("--out", required=True, help="output .wav (a folder for a batch)")
+    cont.add_argument("--seconds", type=float, default=3.0, help="speech to generate")
+    cont.add_argument("--png", default=None,
+                      help="PNG of prompt and continuation spectrograms (a folder for a batch)")
+
+    ask = sub.add_parser("ask", help="answer a spoken question (text and speech)")
+    _common(ask)
+    _sampling(ask)
+    ask.add_argument("--audio", required=True, help="a speech file, a folder, or a .txt list")
+    ask.add_argument("--out", required=True, help="output .wav (a folder for a batch)")
+    ask.add_argument("--seconds", type=float, default=4.0, help="longest spoken answer")
+    ask.add_argument("--png", default=None, help="PNG of question and answer spectrograms")
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint on a seqio task split")
+    _common(ev)
+    ev.add_argument("--task", required=True, help="seqio task, e.g. spectron_llama_questions")
+    ev.add_argument("--split", required=True)
+    ev.add_argument("--out", required=True, help="folder for the JSON, report, PNGs and WAVs")
+    ev.add_argument("--max-examples", type=int, default=None)
+    ev.add_argument("--seconds", type=float, default=None,
+                    help="speech to generate (default: the reference continuation's length)")
+    ev.add_argument("--num-samples", type=int, default=4, help="examples saved as PNG + WAV")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--speaker-encoder", default=None,
+                    help="speaker encoder file (.npz of MelStatsSpeakerEncoder; default: none)")
+    ev.add_argument("--asr-dir", default=None, help="local HF ASR model (log-perplexity)")
+    ev.add_argument("--lm-dir", default=None, help="local HF GPT-2 model (log-perplexity)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `spectron` console command; returns the exit status."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command in ("continue", "ask"):
+            return run_speech(args, args.command)
+        return run_eval(args)
+    except (FileNotFoundError, ValueError) as err:
+        # A wrong checkpoint, vocabulary, vocoder or task: one clear line, no traceback.
+        print(f"spectron {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,438 @@
+"""`spectron eval`: a checkpoint on a seqio task split, measured as in the paper (section 5).
+
+Per example (task examples of docs/CONTRACTS.md section 1), the model decodes its text (prompt
+transcript + continuation, no separator) and speech; the text is cut at its word alignment with
+the reference prompt transcript (`inference.split_text`). Then:
+
+- `transcript_wer`, `transcript_cer` (all examples): corpus WER/CER of the model's own
+  transcript of the prompt.
+- `continuation_text_accuracy`, `continuation_wer` (continuation examples): normalised exact match
+  and WER of the text continuation.
+- `qa_accuracy` (QA examples, i.e. no reference frames): `qa_match` of the reference answer in the
+  text answer; `qa_accuracy_asr` the same on the ASR transcript of the spoken answer (`asr_dir`).
+- `spectrogram_l1`, `spectrogram_l2`, `mcd_db` (continuation): against the reference
+  continuation over the common length; `dtw_l1` after DTW alignment of the whole spectrograms.
+- `speaker_similarity` (all): cosine of speaker embeddings, prompt vs generated speech.
+- `log_perplexity`, `perplexity` (continuation, with `asr_dir` and `lm_dir`): NLL per token of the
+  ASR transcript of the generated speech under GPT-2, given the prompt transcript as context.
+
+Speaker embeddings come from `options.speaker_encoder` (a `MelStatsSpeakerEncoder` `.npz`), or by
+default from `MelStatsSpeakerEncoder` normalised on the evaluated prompts (see
+`evaluation/speaker.py`, which also documents a public encoder that plugs in). The prompt's
+log-mel is its encoder features when the front end is the target log-mel; with another front end
+the reference continuation (same speaker) stands in for it.
+
+Outputs in `out_dir`: `metrics.json` (every figure and per-example record), `report.md` (table and
+worst cases), `samples/<id>.{png,wav}` for the first `num_samples` examples, and TensorBoard
+summaries in `tensorboard/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from spectron_jax import inference
+from spectron_jax.evaluation import metrics, report
+from spectron_jax.evaluation.speaker import MelStatsSpeakerEncoder, load_speaker_encoder
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalOptions:
+    """What to run and write.
+
+    Attributes:
+      seconds: speech to generate per example; None = the longest reference continuation of the
+        evaluated examples (`qa_seconds` for QA examples, which have none).
+      qa_seconds: spoken-answer length when `seconds` is None.
+      max_examples: evaluate the first N examples of the split (None = all).
+      num_samples: examples saved as PNG + WAV and written to TensorBoard.
+      batch_size: prompts per decoding call.
+      max_text_tokens: text decoding limit.
+      vocoder, vocoder_dir: see `inference.make_vocoder`.
+      speaker_encoder: `.npz` of a `MelStatsSpeakerEncoder`; None = cohort-normalised default.
+      asr_dir, lm_dir: local transformers folders (ASR model, GPT-2) for the log-perplexity.
+      seed: decoding seed (pre-net dropout, sampling).
+      worst_cases: examples listed per metric in the report.
+    """
+
+    seconds: float | None = None
+    qa_seconds: float = 4.0
+    max_examples: int | None = None
+    num_samples: int = 4
+    batch_size: int = 8
+    max_text_tokens: int = 64
+    vocoder: str = "griffin_lim"
+    vocoder_dir: str | None = None
+    speaker_encoder: str | None = None
+    asr_dir: str | None = None
+    lm_dir: str | None = None
+    seed: int = 0
+    worst_cases: int = 5
+
+
+@dataclasses.dataclass
+class EvalResult:
+    """Aggregate `metrics`, per-example `examples` records, and where the outputs went."""
+
+    metrics: dict[str, Any]
+    examples: list[dict[str, Any]]
+    out_dir: str
+    json_path: str
+    report_path: str
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.examples)
+
+
+# ------------------------------------------------------------------------------------------------
+# Data.
+# ------------------------------------------------------------------------------------------------
+
+
+def _text(x: Any) -> str:
+    return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+
+def load_examples(task: str, split: str, max_examples: int | None = None) -> list[dict]:
+    """The first `max_examples` task examples of a split as numpy dicts (strings decoded)."""
+    import seqio
+
+    import spectron_tasks  # noqa: F401 - registers the tasks
+
+    try:
+        provider = seqio.get_mixture_or_task(task)
+    except ValueError as err:
+        raise ValueError(f"unknown seqio task {task!r} ({err})") from err
+    ds = provider.get_dataset(sequence_length=None, split=split, shuffle=False, num_epochs=1)
+    if max_examples is not None:
+        ds = ds.take(max_examples)
+    examples = []
+    for ex in ds.as_numpy_iterator():
+        ex = dict(ex)
+        for key in ("prompt_text", "continuation_text", "speaker_id", "id"):
+            ex[key] = _text(ex.get(key, b""))
+        examples.append(ex)
+    if not examples:
+        raise ValueError(f"task {task!r} split {split!r} gave no examples")
+    return examples
+
+
+def _check_dims(config: Any, ex: dict) -> None:
+    f_enc, f_mel = ex["prompt_features"].shape[-1], ex["continuation_frames"].shape[-1]
+    if f_enc != config.encoder_feature_dim or f_mel != config.n_mels:
+        raise ValueError(
+            f"task features do not fit the model: prompt_features has {f_enc} features (model "
+            f"encoder_feature_dim {config.encoder_feature_dim}), continuation_frames {f_mel} mel "
+            f"bins (model n_mels {config.n_mels}); register the task with the model's front end "
+            f"and target SpectrogramConfig ({config.spectrogram})"
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Scoring.
+# ------------------------------------------------------------------------------------------------
+
+
+def _rate(fn, ref: str, hyp: str) -> float:
+    try:
+        return float(fn([ref], [hyp]))
+    except ValueError:  # Reference empty after normalisation: undefined.
+        return math.nan
+
+
+def score_text(record: dict, is_qa: bool) -> None:
+    """Adds the text metrics of one example to its record (in place)."""
+    record["transcript_wer"] = _rate(
+        metrics.word_error_rate, record["prompt_text"], record["hyp_transcript"]
+    )
+    if is_qa:
+        record["qa_correct"] = metrics.qa_match(record["hyp_continuation"],
+                                                record["continuation_text"])
+    else:
+        ref = metrics.normalize_text(record["continuation_text"])
+        record["continuation_exact"] = ref == metrics.normalize_text(record["hyp_continuation"])
+        record["continuation_wer"] = _rate(
+            metrics.word_error_rate, record["continuation_text"], record["hyp_continuation"]
+        )
+
+
+def score_frames(record: dict, generated: np.ndarray, reference: np.ndarray) -> None:
+    """Spectrogram distances of generated float32[T_g, M] vs reference float32[T_r, M]."""
+    n = min(len(generated), len(reference))
+    if n == 0:
+        return
+    pred, ref = generated[None, :n], reference[None, :n]
+    record["spectrogram_l1"] = float(metrics.spectrogram_l1(pred, ref)[0])
+    record["spectrogram_l2"] = float(metrics.spectrogram_l2(pred, ref)[0])
+    record["mcd_db"] = float(metrics.mel_cepstral_distortion(pred, ref)[0])
+    record["dtw_l1"] = metrics.dtw_l1(generated, reference)
+
+
+def _mean(records: Sequence[dict], key: str) -> float | None:
+    values = [float(r[key]) for r in records if key in r and r[key] is not None]
+    values = [v for v in values if not math.isnan(v)]
+    return float(np.mean(values)) if values else None
+
+
+def aggregate(records: Sequence[dict]) -> dict[str, Any]:
+    """Dataset figures from per-example records (None where no example has the metric)."""
+    out: dict[str, Any] = {"num_examples": len(records)}
+    refs = [r["prompt_text"] for r in records]
+    if any(metrics.normalize_text(x) for x in refs):
+        hyps = [r["hyp_transcript"] for r in records]
+        out["transcript_wer"] = metrics.word_error_rate(refs, hyps)
+        out["transcript_cer"] = metrics.char_error_rate(refs, hyps)
+    cont = [r for r in records if "continuation_exact" in r]
+    qa = [r for r in records if "qa_correct" in r]
+    out["num_continuation_examples"] = len(cont)
+    out["num_qa_examples"] = len(qa)
+    if cont:
+        out["continuation_text_accuracy"] = float(np.mean([r["continuation_exact"] for r in cont]))
+        refs = [r["continuation_text"] for r in cont]
+        if any(metrics.normalize_text(x) for x in refs):
+            out["continuation_wer"] = metrics.word_error_rate(
+                refs, [r["hyp_continuation"] for r in cont]
+            )
+    if qa:
+        out["qa_accuracy"] = float(np.mean([r["qa_correct"] for r in qa]))
+        if any("qa_correct_asr" in r for r in qa):
+            out["qa_accuracy_asr"] = float(np.mean([r.get("qa_correct_asr", False) for r in qa]))
+    for key in ("spectrogram_l1", "spectrogram_l2", "mcd_db", "dtw_l1", "speaker_similarity",
+                "log_perplexity", "generated_seconds"):
+        value = _mean(records, key)
+        if value is not None:
+            out[key] = value
+    if "log_perplexity" in out:
+        out["perplexity"] = float(math.exp(out["log_perplexity"]))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The run.
+# ------------------------------------------------------------------------------------------------
+
+
+def _prompt_log_mel(config: Any, ex: dict) -> np.ndarray | None:
+    if config.encoder_front_end != "log_mel":
+        return None
+    return ex["prompt_features"][: int(ex["prompt_length"])]
+
+
+def _reference(ex: dict) -> np.ndarray:
+    return ex["continuation_frames"][: int(ex["continuation_length"])]
+
+
+def evaluate_examples(
+    loaded: inference.LoadedModel,
+    examples: Sequence[dict],
+    out_dir: str | os.PathLike,
+    options: EvalOptions = EvalOptions(),
+    *,
+    task: str = "",
+    split: str = "",
+    checkpoint: str = "",
+) -> EvalResult:
+    """Decodes, scores and reports task examples (the body of `evaluate`).
+
+    Args:
+      loaded: the model.
+      examples: task examples (CONTRACTS.md section 1) as numpy dicts with decoded strings.
+      out_dir: output folder (created).
+      options: see `EvalOptions`.
+      task, split, checkpoint: recorded in the outputs.
+
+    Returns:
+      The figures and per-example records (also written to `out_dir`).
+    """
+    from spectron_jax import decoding
+    from spectron_jax.audio.io import write_wav
+
+    config = loaded.config
+    for ex in examples:
+        _check_dims(config, ex)
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sr, fps = config.spectrogram.sample_rate, config.spectrogram.frames_per_second
+
+    # One frame count and one prompt length for the run: one compiled decode program.
+    if options.seconds is not None:
+        max_frames = inference.num_frames_for(config, options.seconds)
+    else:
+        qa_frames = inference.num_frames_for(config, options.qa_seconds)
+        max_frames = max(int(ex["continuation_length"]) or qa_frames for ex in examples)
+        max_frames = -(-max_frames // config.reduction_factor) * config.reduction_factor
+    decode_config = decoding.DecodeConfig(
+        max_text_tokens=options.max_text_tokens,
+        max_frames=max_frames,
+        seed=options.seed,
+        **inference.special_ids(loaded.vocabulary),
+    )
+    bucket = inference.PROMPT_BUCKET_FRAMES
+    prompt_frames = -(-max(int(ex["prompt_length"]) for ex in examples) // bucket) * bucket
+
+    generations: list[inference.Generation] = []
+    for start in range(0, len(examples), options.batch_size):
+        chunk = examples[start : start + options.batch_size]
+        feats = [ex["prompt_features"][: int(ex["prompt_length"])] for ex in chunk]
+        # Pad the last batch with copies so that its shape (and compiled program) is the same.
+        feats += [feats[-1]] * (options.batch_size - len(feats))
+        gens = inference.generate(loaded, feats, decode_config, prompt_frames=prompt_frames)
+        generations.extend(gens[: len(chunk)])
+        logger.info("eval: decoded %d / %d", len(generations), len(examples))
+
+    speaker_encoder = _speaker_encoder(options, config, examples)
+    asr, lm = _external_models(options)
+    vocoder = None
+    records, sample_audio = [], {}
+    for i, (ex, gen) in enumerate(zip(examples, generations, strict=True)):
+        is_qa = int(ex["continuation_length"]) == 0
+        transcript, rest = inference.split_text(
+            gen.text, prompt_text=ex["prompt_text"], reference_rest=ex["continuation_text"]
+        )
+        record = {
+            "id": ex["id"] or f"example-{i}",
+            "kind": "qa" if is_qa else "continuation",
+            "speaker_id": ex["speaker_id"],
+            "prompt_text": ex["prompt_text"],
+            "continuation_text": ex["continuation_text"],
+            "hyp_text": gen.text,
+            "hyp_transcript": transcript,
+            "hyp_continuation": rest,
+            "generated_seconds": len(gen.frames) / fps,
+        }
+        score_text(record, is_qa)
+        reference = _reference(ex)
+        if not is_qa:
+            score_frames(record, gen.frames, reference)
+        prompt_mel = _prompt_log_mel(config, ex)
+        anchor = prompt_mel if prompt_mel is not None else reference
+        if len(gen.frames) and len(anchor):
+            record["speaker_similarity"] = float(metrics.cosine_similarity(
+                speaker_encoder.embed(anchor), speaker_encoder.embed(gen.frames)))
+        needs_audio = asr is not None or i < options.num_samples
+        waveform = None
+        if needs_audio and len(gen.frames):
+            if vocoder is None:
+                vocoder = inference.make_vocoder(
+                    options.vocoder, config.spectrogram, options.vocoder_dir
+                )
+            waveform = inference.vocode(vocoder, gen.frames)
+        if asr is not None and waveform is not None:
+            record["asr_text"] = asr.transcribe(waveform, sr)
+            if is_qa:
+                record["qa_correct_asr"] = metrics.qa_match(
+                    record["asr_text"], ex["continuation_text"]
+                )
+            elif lm is not None:
+                record["log_perplexity"] = lm.log_perplexity(
+                    record["asr_text"], context=ex["prompt_text"]
+                )
+        if i < options.num_samples:
+            name = report.safe_name(record["id"])
+            png = out / "samples" / f"{name}.png"
+            inference.save_spectrogram_png(
+                png,
+                prompt_mel if prompt_mel is not None else np.zeros((0, config.n_mels)),
+                gen.frames,
+                title=record["id"],
+                reference=reference if len(reference) else None,
+            )
+            record["png"] = str(png.relative_to(out))
+            if waveform is not None:
+                wav = out / "samples" / f"{name}.wav"
+                write_wav(wav, waveform, sr)
+                sample_audio[record["id"]] = waveform
+                record["wav"] = str(wav.relative_to(out))
+        records.append(record)
+
+    figures = aggregate(records)
+    notes = []
+    if asr is None or lm is None:
+        notes.append(
+            "log-perplexity skipped: it needs both --asr-dir (a local ASR model) and --lm-dir "
+            "(a local GPT-2); nothing is downloaded"
+        )
+    header = {
+        "task": task,
+        "split": split,
+        "checkpoint": checkpoint,
+        "step": loaded.step,
+        "decode": dataclasses.asdict(decode_config),
+        "options": dataclasses.asdict(options),
+        "notes": notes,
+    }
+    json_path = out / "metrics.json"
+    json_path.write_text(
+        json.dumps(report.jsonable({**header, "metrics": figures, "examples": records}), indent=2,
+                   ensure_ascii=False),
+        encoding="utf-8",
+    )
+    report_path = out / "report.md"
+    report_path.write_text(
+        report.markdown(header, figures, records, options.worst_cases), encoding="utf-8"
+    )
+    report.write_tensorboard(
+        out / "tensorboard", loaded.step, figures, records, task, sample_audio, sr
+    )
+    return EvalResult(
+        metrics=figures,
+        examples=records,
+        out_dir=str(out),
+        json_path=str(json_path),
+        report_path=str(report_path),
+    )
+
+
+def _speaker_encoder(options: EvalOptions, config: Any, examples: Sequence[dict]):
+    if options.speaker_encoder:
+        return load_speaker_encoder(options.speaker_encoder)
+    anchors = [
+        m for m in (_prompt_log_mel(config, ex) if config.encoder_front_end == "log_mel"
+                    else _reference(ex) for ex in examples)
+        if m is not None and len(m)
+    ]
+    encoder = MelStatsSpeakerEncoder(num_coefficients=min(20, config.n_mels - 1))
+    return encoder.with_cohort(anchors) if len(anchors) >= 2 else encoder
+
+
+def _external_models(options: EvalOptions):
+    """(ASR, LM) from local folders; each None when its folder is not given."""
+    from spectron_jax.evaluation.perplexity import LocalAsr, LocalLm
+
+    if options.lm_dir and not options.asr_dir:
+        raise ValueError("--lm-dir scores an ASR transcript of the generated speech: also pass "
+                         "--asr-dir (a local transformers ASR model folder)")
+    asr = LocalAsr(options.asr_dir) if options.asr_dir else None
+    lm = LocalLm(options.lm_dir) if options.lm_dir else None
+    return asr, lm
+
+
+def evaluate(
+    checkpoint: str | os.PathLike,
+    task: str,
+    split: str,
+    out_dir: str | os.PathLike,
+    options: EvalOptions = EvalOptions(),
+    *,
+    vocabulary_path: str | None = None,
+) -> EvalResult:
+    """Loads a checkpoint and the task split, then `evaluate_examples`."""
+    loaded = inference.load_model_for_inference(
+        checkpoint, inference.load_vocabulary(vocabulary_path) if vocabulary_path else None
+    )
+    examples = load_examples(task, split, options.max_examples)
+    return evaluate_examples(
+        loaded, examples, out_dir, options, task=task, split=split, checkpoint=str(checkpoint)
+    )
