@@ -33,6 +33,15 @@ import gin
 from spectron_jax import checkpoints, metrics, partitioning
 from spectron_jax import trainer as trainer_lib
 
+if __name__ == "__main__":
+    # `python -m spectron_jax.train` runs this file as `__main__`, while gin files
+    # `import spectron_jax.train`: flags and configurables would be registered in both modules
+    # (DuplicateFlagError, ambiguous gin selectors), so run the importable module instead.
+    from spectron_jax.train import console_main
+
+    console_main()
+    sys.exit(0)
+
 logger = logging.getLogger(__name__)
 
 # (shard_index, num_shards, seed, skip_batches) -> iterator of this process's batches. It must
@@ -188,6 +197,7 @@ def train(
     seed: int = 0,
     batch_callback: Callable[[int, Mapping[str, Any]], None] | None = None,
     clock: Callable[[], float] | None = None,
+    final_eval_fn: Callable[..., Mapping[str, float]] | None = None,
 ) -> TrainResult:
     """Trains `model` to `num_steps`, resuming from `model_dir` if it holds checkpoints.
 
@@ -209,6 +219,9 @@ def train(
       seed: seeds parameter init, dropout and the data order.
       batch_callback: called with (step, host batch) for every batch trained on (tests).
       clock: seconds for the time-based checkpoint policy (tests); default monotonic.
+      final_eval_fn: run once after the last step (not after a preemption) as
+        `final_eval_fn(model=, params=, model_dir=, step=, train_dataset_fn=, seed=, writer=)`;
+        its figures go to TensorBoard under `final/` (e.g. `evaluation.counting`).
 
     Returns:
       The final state and metrics.
@@ -313,6 +326,17 @@ def train(
             writer.log_eval(
                 step, evaluate(trainer, state, eval_dataset_fn, eval_batches, seed, mesh)
             )
+        if final_eval_fn is not None and step >= num_steps:
+            figures = final_eval_fn(
+                model=model,
+                params=state.params,
+                model_dir=str(model_dir_path),
+                step=step,
+                train_dataset_fn=dataset_fn,
+                seed=seed,
+                writer=writer,
+            )
+            writer.log_eval(step, figures, prefix="final")
     finally:
         preemption.restore()
         ckpt.close()
@@ -440,5 +464,6 @@ def main(argv: Sequence[str]) -> None:
         train()
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """The command line (`python -m spectron_jax.train`, setup.py's `spectron-train`)."""
     app.run(main, argv=rewrite_gin_args(sys.argv))

@@ -8,12 +8,14 @@ Importing this package registers every task with seqio's TaskRegistry:
 | `spectron_fsdd_counting` | train, test (takes 0-4) | ../shared/data/fsdd |
 | `spectron_llama_questions` | test | ../shared/data/llama_questions |
 | `spectron_librispeech` | TFDS librispeech splits | TFDS (downloads at first use) |
+| `spectron_librispeech_w2v_bert` | the same | the same; encoder input: w2v-BERT fbank, F = 160 |
 
 Data folders are read only when a dataset is built, so importing works on any machine. To
 register a variant (another front end, target spectrogram, vocabulary, size or folder), call the
 module's `register(name, ...)`; `speech_task.register_speech_task` takes any raw-audio source.
 """
 
+from spectron_jax.audio.fbank import W2vBertFbankConfig
 from spectron_tasks import (
     fsdd_counting,
     librispeech,
@@ -27,6 +29,8 @@ synthetic_counting.register()
 fsdd_counting.register()
 llama_questions.register()
 librispeech.register()
+# The paper-scale models read the w2v-BERT 2.0 front end (gin/spectron_base.gin).
+librispeech.register("spectron_librispeech_w2v_bert", front_end=W2vBertFbankConfig())
 
 __all__ = [
     "fsdd_counting",
