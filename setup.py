@@ -38,6 +38,7 @@ setuptools.setup(
         "clu>=0.0.12",
         "sentencepiece>=0.2,<0.3",
         "safetensors>=0.4",
+        "tokenizers>=0.20",  # HF tokenizer.json vocabularies (spectron_jax/vocabularies.py).
         "soundfile>=0.12",
         "soxr>=0.3",
         "espeakng-loader>=0.2.4",
