@@ -36,23 +36,15 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+# The same "small" config as the train-step benchmark (this script's folder is on sys.path).
+from train_step import SMALL_BINDINGS  # noqa: E402
+
 import gin  # noqa: E402
 from spectron_jax import config as config_lib  # noqa: E402
 from spectron_jax import decoding  # noqa: E402
 from spectron_jax.models import SpectronModel, example_input_shapes  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Same "small" as benchmarks/train_step.py, on top of gin/models/tiny.gin.
-SMALL_BINDINGS = (
-    "spectron.decoder_config.d_model = 512",
-    "spectron.decoder_config.num_layers = 8",
-    "spectron.decoder_config.num_heads = 8",
-    "spectron.decoder_config.num_kv_heads = 4",
-    "spectron.decoder_config.mlp_dim = 1536",
-    "spectron.conformer_config.hidden_dim = 256",
-    "spectron.conformer_config.num_layers = 4",
-    "spectron.conformer_config.mlp_dim = 1024",
-)
 CONFIGS = {"tiny": (), "small": SMALL_BINDINGS}
 
 
