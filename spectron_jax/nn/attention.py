@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from spectron_jax.nn.layers import RMSNorm, default_kernel_init
+from spectron_jax.nn.layers import DenseGeneral, RMSNorm
 
 Dtype = Any
 
@@ -182,17 +182,13 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
-    def _proj(self, heads: int, heads_axis: str, bias: bool, name: str) -> nn.DenseGeneral:
-        return nn.DenseGeneral(
+    def _proj(self, heads: int, heads_axis: str, bias: bool, name: str) -> DenseGeneral:
+        return DenseGeneral(
             features=(heads, self.head_dim),
-            axis=-1,
+            kernel_axes=("embed", heads_axis, "head_dim"),
             use_bias=bias,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            kernel_init=nn.with_logical_partitioning(
-                default_kernel_init(), ("embed", heads_axis, "head_dim")
-            ),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (heads_axis, "head_dim")),
             name=name,
         )
 
@@ -243,16 +239,13 @@ class Attention(nn.Module):
             q, k, v, mask, scale=self.scale, logit_softcap=self.logit_softcap
         )
         out = nn.Dropout(self.dropout_rate)(out, deterministic=deterministic)
-        return nn.DenseGeneral(
+        return DenseGeneral(
             features=d_model,
+            kernel_axes=("heads", "head_dim", "embed"),
             axis=(-2, -1),
             use_bias=self.out_bias,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            kernel_init=nn.with_logical_partitioning(
-                default_kernel_init(), ("heads", "head_dim", "embed")
-            ),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
             name="o_proj",
         )(out)
 

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spectron_jax.nn.layers import DenseGeneral
+
 STEMS = ("projection", "subsampling")
 POSITIONS = ("relative_key", "rotary", "none")
 NORMS = ("layer_norm", "rms_norm")
@@ -112,14 +114,13 @@ def _init(init, names):
 
 def _dense(config, features, in_names, out_names, *, axis=-1, use_bias=True, name=None):
     """DenseGeneral with logical names on kernel (in_names + out_names) and bias (out_names)."""
-    return nn.DenseGeneral(
+    return DenseGeneral(
         features=features,
+        kernel_axes=in_names + out_names,
         axis=axis,
         use_bias=use_bias,
         dtype=jnp.dtype(config.dtype),
         param_dtype=jnp.dtype(config.param_dtype),
-        kernel_init=_init(nn.initializers.lecun_normal(), in_names + out_names),
-        bias_init=_init(nn.initializers.zeros_init(), out_names),
         name=name,
     )
 

@@ -1,4 +1,4 @@
-"""Small building blocks of the decoder LM: RMSNorm variants, gated MLP, token embedding.
+"""Small building blocks: RMSNorm variants, a named multi-axis projection, gated MLP, embedding.
 
 Every parameter carries logical axis names (docs/CONTRACTS.md section 6) where it is created;
 `spectron_jax/partitioning.py` maps them to mesh axes.
@@ -24,6 +24,72 @@ ACTIVATIONS = {
 
 def default_kernel_init() -> nn.initializers.Initializer:
     return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
+
+class DenseGeneral(nn.Module):
+    """`nn.DenseGeneral` whose kernel is created at full rank with one logical name per dim.
+
+    flax's DenseGeneral calls `kernel_init` with the kernel flattened to 2-D and reshapes the
+    result; a logically partitioned init is then unboxed (sharding-constrained) at rank 2 with
+    rank-3 names, which fails wherever axis rules and a global mesh are active (T5X's
+    partitioner traces every `param` init, even in `apply`). Same parameter tree, shapes and
+    initial distribution (fan-in over all contracted dims) as `nn.DenseGeneral`.
+
+    Attributes:
+      features: output dims, e.g. `(heads, head_dim)` or `d_model`.
+      kernel_axes: logical names of the kernel, contracted input dims first, then `features`.
+      axis: input dims contracted (default the last).
+      use_bias: add a bias named `kernel_axes[len(axis):]`.
+      kernel_init: an initializer for the full-rank kernel; default truncated-normal fan-in
+        scaling over the contracted dims.
+    """
+
+    features: int | tuple[int, ...]
+    kernel_axes: tuple[str | None, ...]
+    axis: int | tuple[int, ...] = -1
+    use_bias: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: nn.initializers.Initializer | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """float[..., *in] -> float[..., *features] (the `axis` dims of x contracted)."""
+        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        axis = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
+        axis = tuple(a % x.ndim for a in axis)
+        n_in = len(axis)
+        if len(self.kernel_axes) != n_in + len(features):
+            raise ValueError(
+                f"{self.name}: kernel_axes {self.kernel_axes} need {n_in + len(features)} names"
+            )
+        init = self.kernel_init or nn.initializers.variance_scaling(
+            1.0,
+            "fan_in",
+            "truncated_normal",
+            in_axis=tuple(range(n_in)),
+            out_axis=tuple(range(n_in, n_in + len(features))),
+        )
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(init, self.kernel_axes),
+            tuple(x.shape[a] for a in axis) + features,
+            self.param_dtype,
+        )
+        y = jax.lax.dot_general(
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+            ((axis, tuple(range(n_in))), ((), ())),
+        )
+        if self.use_bias:
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes[n_in:]),
+                features,
+                self.param_dtype,
+            )
+            y = y + bias.astype(self.dtype)
+        return y
 
 
 class RMSNorm(nn.Module):
