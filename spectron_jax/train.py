@@ -198,6 +198,7 @@ def train(
     batch_callback: Callable[[int, Mapping[str, Any]], None] | None = None,
     clock: Callable[[], float] | None = None,
     final_eval_fn: Callable[..., Mapping[str, float]] | None = None,
+    sample_fn: Callable[..., Mapping[str, float]] | None = None,
 ) -> TrainResult:
     """Trains `model` to `num_steps`, resuming from `model_dir` if it holds checkpoints.
 
@@ -213,7 +214,8 @@ def train(
       init_checkpoint: converted / pretrained weights for a fresh run (see `load_subtrees`).
       init_subtrees: params subtrees to take from `init_checkpoint`; None = all params.
       eval_dataset_fn: validation batches; evaluated every `eval_every` steps and at the end.
-      eval_every: 0 = only at the end (when `eval_dataset_fn` is given).
+      eval_every: steps between evaluations (`eval_dataset_fn` and `sample_fn`); 0 = only at
+        the end.
       eval_batches: batches per evaluation.
       log_every: steps between metric writes.
       seed: seeds parameter init, dropout and the data order.
@@ -222,6 +224,9 @@ def train(
       final_eval_fn: run once after the last step (not after a preemption) as
         `final_eval_fn(model=, params=, model_dir=, step=, train_dataset_fn=, seed=, writer=)`;
         its figures go to TensorBoard under `final/` (e.g. `evaluation.counting`).
+      sample_fn: generated speech for TensorBoard, run with the evaluation (every `eval_every`
+        steps and at the end) as `sample_fn(model=, params=, model_dir=, step=, writer=)`; its
+        figures go under `samples/` (e.g. `evaluation.samples.speech_samples`).
 
     Returns:
       The final state and metrics.
@@ -287,6 +292,21 @@ def train(
     def data_state() -> dict[str, Any]:
         return {"batches_consumed": consumed, "seed": seed}
 
+    def run_evaluations() -> None:
+        if eval_dataset_fn is not None:
+            writer.log_eval(
+                step, evaluate(trainer, state, eval_dataset_fn, eval_batches, seed, mesh)
+            )
+        if sample_fn is not None:
+            figures = sample_fn(
+                model=model,
+                params=state.params,
+                model_dir=str(model_dir_path),
+                step=step,
+                writer=writer,
+            )
+            writer.log_eval(step, figures, prefix="samples")
+
     try:
         writer.start(step)
         while step < num_steps:
@@ -312,20 +332,17 @@ def train(
                 last = trainer_lib.metrics_to_host(step_metrics)
                 writer.log_train(step, last)
             ckpt.save(step, state, data_state(), model_config)
-            if eval_dataset_fn is not None and eval_every and step % eval_every == 0:
-                writer.log_eval(
-                    step, evaluate(trainer, state, eval_dataset_fn, eval_batches, seed, mesh)
-                )
+            if eval_every and step % eval_every == 0:
+                run_evaluations()
+                writer.start(step)  # evaluation time is not training time (steps/s, ETA)
             if step == 1 and jax.process_index() == 0:
                 (model_dir_path / "config.gin").write_text(gin.operative_config_str())
             if preemption.should_stop(step):
                 logger.warning("train: preempted at step %d; saving and exiting", step)
                 break
         ckpt.save(step, state, data_state(), model_config, force=True)
-        if eval_dataset_fn is not None and not (eval_every and step % eval_every == 0):
-            writer.log_eval(
-                step, evaluate(trainer, state, eval_dataset_fn, eval_batches, seed, mesh)
-            )
+        if not (eval_every and step % eval_every == 0):
+            run_evaluations()
         if final_eval_fn is not None and step >= num_steps:
             figures = final_eval_fn(
                 model=model,

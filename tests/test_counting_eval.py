@@ -309,7 +309,7 @@ def test_train_calls_final_eval_once_at_the_end(tmp_path):
 
 def test_counting_evaluation_writes_json_and_returns_flat_figures(tiny, tmp_path, monkeypatch):
     model, params, batch = tiny
-    monkeypatch.setattr(counting, "_task_vocabulary", lambda name: _FakeVocab())
+    monkeypatch.setattr(counting, "task_vocabulary", lambda name: _FakeVocab())
 
     def fake_seqio_dataset_fn(name, lengths, batch_size, split, shuffle, repeat):
         assert (name, shuffle, repeat) == ("task", False, False)

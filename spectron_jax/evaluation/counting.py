@@ -40,6 +40,7 @@ import numpy as np
 
 import gin
 from spectron_jax.evaluation.metrics import dtw_l1, normalize_text
+from spectron_jax.evaluation.samples import reference_texts, task_vocabulary, write_samples
 
 logger = logging.getLogger(__name__)
 
@@ -194,22 +195,6 @@ def dtw_figures(
     }
 
 
-def reference_texts(
-    target_tokens: np.ndarray, text_part: np.ndarray, decode: Callable[[list[int]], str]
-) -> tuple[list[str], list[str]]:
-    """(prompt texts, continuation texts) of a batch, from `decoder_target_tokens`/`text_part`.
-
-    The feature converter drops the strings; the ids are the tokenised texts, so decoding them
-    gives the references back (the EOS target, the last part-2 slot, is left out).
-    """
-    prompts, conts = [], []
-    for tokens, part in zip(np.asarray(target_tokens), np.asarray(text_part), strict=True):
-        prompts.append(decode([int(t) for t in tokens[part == 1]]))
-        cont = [int(t) for t in tokens[part == 2]][:-1]
-        conts.append(decode(cont))
-    return prompts, conts
-
-
 def check_targets(figures: Mapping[str, float], split: str, targets: CountingTargets) -> list[str]:
     """Names of the targets a split's figures miss ([] = all met)."""
     missed = []
@@ -276,15 +261,6 @@ def teacher_forced_frames(model: Any, params: Any, batch: Mapping[str, Any], see
     """float32[B, T_f, n_mels]: post-net frames with the ground-truth text and frames fed."""
     inputs = {k: jnp.asarray(v) for k, v in batch.items() if np.asarray(v).dtype.kind in "biuf"}
     return np.asarray(_teacher_forced_fn(model.module)(params, inputs, jax.random.PRNGKey(seed)))
-
-
-def _task_vocabulary(mixture_or_task_name: str):
-    import seqio
-
-    import spectron_tasks  # noqa: F401 - registers the tasks
-
-    provider = seqio.get_mixture_or_task(mixture_or_task_name)
-    return provider.output_features["prompt_transcript"].vocabulary
 
 
 def evaluate_split(
@@ -371,62 +347,6 @@ def evaluate_split(
     return figures, samples
 
 
-def write_samples(
-    samples: Sequence[Mapping[str, Any]],
-    directory: str,
-    split: str,
-    spectrogram_config: Any,
-    prompt_is_log_mel: bool,
-) -> dict[str, np.ndarray]:
-    """Griffin-Lim WAVs (reference and generated) and one PNG of the spectrograms.
-
-    When the encoder reads the target log-mel, the prompt's frames are prepended, so that each
-    WAV plays prompt then continuation.
-
-    Returns:
-      {"image": uint8[H, W, 3], "audio": float32[N, T, 1]} for TensorBoard (generated audio).
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from spectron_jax.audio.griffin_lim import GriffinLimVocoder
-    from spectron_jax.audio.io import write_wav
-
-    os.makedirs(directory, exist_ok=True)
-    vocoder = GriffinLimVocoder(spectrogram_config)
-    audios = []
-    fig, axes = plt.subplots(len(samples), 2, figsize=(10, 2.2 * len(samples)), squeeze=False)
-    for i, s in enumerate(samples):
-        for j, kind in enumerate(("reference", "generated")):
-            frames = np.asarray(s[kind], np.float32)
-            if prompt_is_log_mel:
-                frames = np.concatenate([np.asarray(s["prompt_features"], np.float32), frames])
-            wave = np.asarray(vocoder(frames))
-            wave = wave / max(1.0, float(np.abs(wave).max()) / 0.95)
-            path = os.path.join(directory, f"{split}-{i}-{kind}.wav")
-            write_wav(path, wave, spectrogram_config.sample_rate)
-            if kind == "generated":
-                audios.append(wave)
-            ax = axes[i, j]
-            ax.imshow(frames.T, origin="lower", aspect="auto", cmap="magma")
-            ax.set_title(f"{kind}: {s[f'{kind}_text']}", fontsize=8)
-            if prompt_is_log_mel:
-                ax.axvline(len(s["prompt_features"]) - 0.5, color="cyan", lw=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-    fig.tight_layout()
-    png = os.path.join(directory, f"{split}-spectrograms.png")
-    fig.savefig(png, dpi=80)
-    fig.canvas.draw()
-    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    longest = max(len(a) for a in audios)
-    audio = np.stack([np.pad(a, (0, longest - len(a))) for a in audios])[..., None]
-    return {"image": image, "audio": audio.astype(np.float32)}
-
-
 @gin.configurable
 def counting_evaluation(
     *,
@@ -473,7 +393,7 @@ def counting_evaluation(
     from spectron_jax.train import seqio_dataset_fn
 
     targets = targets or CountingTargets()
-    vocab = _task_vocabulary(mixture_or_task_name)
+    vocab = task_vocabulary(mixture_or_task_name)
     train_batches = itertools.islice(train_dataset_fn(0, 1, seed, 0), mean_frame_batches)
     train_batches = list(train_batches)
     frames = [b["target_frames"] for b in train_batches]
