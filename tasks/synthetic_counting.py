@@ -1,7 +1,9 @@
 """`spectron_synthetic_counting`: counting utterances synthesised offline with eSpeak NG.
 
-The embedded default task: "four five | six seven eight", the prompt being the first
-`prompt_words` numbers and the continuation the next 2-4 numbers, in one of 10 training voices
+The embedded default task: "four five | six seven", the prompt being the first `prompt_words`
+numbers and the continuation the next `min_continuation_words`..`max_continuation_words` numbers
+(2 by default: a fixed length, so the end of the continuation is predictable and a free-running
+transcript can match exactly), in one of 10 training voices
 (variants of eSpeak NG's English voices) with per-utterance rate, pitch, pitch range, gain and
 pause. Prompt and continuation are synthesised as two segments and joined, so the split point is
 exact with no aligner. The recognition target is the prompt's words; the continuation's words are
@@ -100,7 +102,7 @@ class SyntheticCountingConfig:
     max_start: int = 19
     prompt_words: int = 2
     min_continuation_words: int = 2
-    max_continuation_words: int = 4
+    max_continuation_words: int = 2
     train_voices: tuple[str, ...] = TRAIN_VOICES
     unseen_voices: tuple[str, ...] = UNSEEN_VOICES
     rate_wpm: tuple[int, int] = (140, 210)
