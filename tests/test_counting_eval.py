@@ -14,6 +14,7 @@ import soundfile as sf
 import spectron_testing as st
 
 from spectron_jax.evaluation import counting
+from spectron_jax.evaluation import samples as samples_lib
 from spectron_jax.models import SpectronModel
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "trainer"))
@@ -46,7 +47,7 @@ def test_reference_texts_come_back_from_the_target_ids():
     words = {5: "four", 6: "five", 7: "six", 8: "seven", 1: "</s>"}
     tokens = np.array([[5, 6, 7, 8, 1, 0], [6, 7, 8, 1, 0, 0]])
     part = np.array([[1, 1, 2, 2, 2, 0], [1, 2, 2, 2, 0, 0]])
-    prompts, conts = counting.reference_texts(
+    prompts, conts = samples_lib.reference_texts(
         tokens, part, lambda ids: " ".join(words[i] for i in ids)
     )
     assert prompts == ["four five", "five"]
@@ -204,7 +205,7 @@ def test_evaluate_split_agrees_with_its_parts(tiny):
             max_frames=batch["target_frames"].shape[1],
         ),
     )
-    prompts, conts = counting.reference_texts(
+    prompts, conts = samples_lib.reference_texts(
         batch["decoder_target_tokens"], batch["text_part"], decode
     )
     hyps = [

@@ -40,7 +40,7 @@ import numpy as np
 
 import gin
 from spectron_jax.evaluation.metrics import dtw_l1, normalize_text
-from spectron_jax.evaluation.samples import reference_texts, task_vocabulary, write_samples
+from spectron_jax.evaluation.samples import decode_batch, task_vocabulary, write_samples
 
 logger = logging.getLogger(__name__)
 
@@ -281,7 +281,6 @@ def evaluate_split(
       (figures, samples): samples hold `prompt_features`, `reference`, `generated` frames and
       the reference / generated texts.
     """
-    from spectron_jax.decoding import DecodeConfig, generate
 
     r = model.config.reduction_factor
     hyps, refs, prompts = [], [], []
@@ -292,43 +291,18 @@ def evaluate_split(
         if n >= max_examples:
             break
         batch = {k: np.asarray(v) for k, v in batch.items()}
-        p_texts, c_texts = reference_texts(
-            batch["decoder_target_tokens"], batch["text_part"], decode_text
-        )
         tf_pred.append(teacher_forced_frames(model, params, batch, seed))
         tf_target.append(batch["target_frames"])
         tf_mask.append(batch["frame_mask"])
-        config = DecodeConfig(
-            max_text_tokens=batch["decoder_target_tokens"].shape[1] + 4,
-            max_frames=batch["target_frames"].shape[1],
-            text_mode="free",
-            seed=seed,
-        )
-        out = jax.device_get(generate(model, params, batch, config))
-        lengths = batch["frame_mask"].sum(-1)
-        for i in range(len(lengths)):
-            ids = [int(t) for t in out["text_tokens"][i, : out["text_lengths"][i]]]
-            hyp = decode_text(ids)
-            ref = f"{p_texts[i]} {c_texts[i]}"
-            hyps.append(hyp)
-            refs.append(ref)
-            prompts.append(p_texts[i])
-            reference = batch["target_frames"][i, : lengths[i]]
-            generated = out["frames"][i, : max(int(out["frame_lengths"][i]), 1)][: lengths[i]]
-            gen_frames.append(generated)
-            ref_frames.append(reference)
-            if len(samples) < num_samples:
-                n_prompt = int(batch["encoder_mask"][i].sum())
-                samples.append(
-                    {
-                        "prompt_features": batch["encoder_features"][i, :n_prompt],
-                        "reference": reference,
-                        "generated": generated,
-                        "reference_text": ref,
-                        "generated_text": hyp,
-                    }
-                )
-        n += len(lengths)
+        examples = decode_batch(model, params, batch, decode_text, seed)
+        for ex in examples:
+            hyps.append(ex["generated_text"])
+            refs.append(ex["reference_text"])
+            prompts.append(ex["prompt_text"])
+            gen_frames.append(ex["generated"])
+            ref_frames.append(ex["reference"])
+        samples.extend(examples[: num_samples - len(samples)])
+        n += len(examples)
     if not n:
         raise ValueError("the evaluation split gave no batches")
     mask = np.concatenate(tf_mask)

@@ -111,6 +111,56 @@ def write_samples(
     return {"image": image, "audio": audio.astype(np.float32)}
 
 
+def decode_batch(
+    model: Any,
+    params: Any,
+    batch: Mapping[str, Any],
+    decode_text: Callable[[list[int]], str],
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Free-running greedy decoding of a model batch, one dict per example.
+
+    The frames are generated for the batch's `target_frames` length and cut to the reference
+    continuation's duration.
+
+    Returns:
+      Per example: `prompt_features` float32[T_p, F], `reference` and `generated` frames
+      float32[T_i, n_mels], `prompt_text`, `reference_text` (prompt + continuation) and
+      `generated_text`.
+    """
+    from spectron_jax.decoding import DecodeConfig, generate
+
+    batch = {k: np.asarray(v) for k, v in batch.items()}
+    config = DecodeConfig(
+        max_text_tokens=batch["decoder_target_tokens"].shape[1] + 4,
+        max_frames=batch["target_frames"].shape[1],
+        text_mode="free",
+        seed=seed,
+    )
+    out = jax.device_get(generate(model, params, batch, config))
+    prompts, continuations = reference_texts(
+        batch["decoder_target_tokens"], batch["text_part"], decode_text
+    )
+    examples = []
+    for i in range(len(prompts)):
+        n_ref = int(batch["frame_mask"][i].sum())
+        n_gen = max(int(out["frame_lengths"][i]), 1)
+        ids = [int(t) for t in out["text_tokens"][i, : out["text_lengths"][i]]]
+        examples.append(
+            {
+                "prompt_features": batch["encoder_features"][
+                    i, : int(batch["encoder_mask"][i].sum())
+                ],
+                "reference": batch["target_frames"][i, :n_ref],
+                "generated": out["frames"][i, :n_gen][:n_ref],
+                "prompt_text": prompts[i],
+                "reference_text": f"{prompts[i]} {continuations[i]}",
+                "generated_text": decode_text(ids),
+            }
+        )
+    return examples
+
+
 @gin.configurable
 def speech_samples(
     *,
@@ -144,7 +194,6 @@ def speech_samples(
       `<split>/exact_match` (free-running transcript vs reference) and `<split>/dtw_l1`
       (generated vs reference continuation) over the sampled examples.
     """
-    from spectron_jax.decoding import DecodeConfig, generate
     from spectron_jax.train import seqio_dataset_fn
 
     vocab = task_vocabulary(mixture_or_task_name)
@@ -163,33 +212,7 @@ def speech_samples(
         batch = next(iter(make(0, 1, seed, 0)), None)
         if batch is None:
             raise ValueError(f"speech_samples: split {split!r} of {mixture_or_task_name} is empty")
-        batch = {k: np.asarray(v) for k, v in batch.items()}
-        decode = DecodeConfig(
-            max_text_tokens=batch["decoder_target_tokens"].shape[1] + 4,
-            max_frames=batch["target_frames"].shape[1],
-            text_mode="free",
-            seed=seed,
-        )
-        out = jax.device_get(generate(model, params, batch, decode))
-        prompts, continuations = reference_texts(
-            batch["decoder_target_tokens"], batch["text_part"], vocab.decode
-        )
-        samples = []
-        for i in range(len(prompts)):
-            n_ref = int(batch["frame_mask"][i].sum())
-            n_gen = max(int(out["frame_lengths"][i]), 1)
-            ids = [int(t) for t in out["text_tokens"][i, : out["text_lengths"][i]]]
-            samples.append(
-                {
-                    "prompt_features": batch["encoder_features"][
-                        i, : int(batch["encoder_mask"][i].sum())
-                    ],
-                    "reference": batch["target_frames"][i, :n_ref],
-                    "generated": out["frames"][i, :n_gen][:n_ref],
-                    "reference_text": f"{prompts[i]} {continuations[i]}",
-                    "generated_text": vocab.decode(ids),
-                }
-            )
+        samples = decode_batch(model, params, batch, vocab.decode, seed)
         figures[f"{split}/exact_match"] = float(
             np.mean(
                 [
