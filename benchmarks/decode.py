@@ -19,7 +19,7 @@ factor (RTF) is compute seconds per second of audio at the `SpectrogramConfig` f
 
 Configs: `tiny` = gin/models/tiny.gin (4 x 256 Gemma-3-style decoder, r = 2); `small` = tiny.gin
 with the wider bindings of benchmarks/train_step.py (8 x 512 decoder, 4 x 256 Conformer).
-Targets (issue 5, 2-core CPU): cached >= 10x faster than uncached at 500 frames; tiny RTF <= 0.1.
+Targets (2-core CPU): cached >= 10x faster than uncached at 500 frames; tiny RTF <= 0.1.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import flax.linen as nn  # noqa: E402
+import gin  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -39,7 +40,6 @@ import numpy as np  # noqa: E402
 # The same "small" config as the train-step benchmark (this script's folder is on sys.path).
 from train_step import SMALL_BINDINGS  # noqa: E402
 
-import gin  # noqa: E402
 from spectron_jax import config as config_lib  # noqa: E402
 from spectron_jax import decoding  # noqa: E402
 from spectron_jax.models import SpectronModel, example_input_shapes  # noqa: E402

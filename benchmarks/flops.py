@@ -19,7 +19,7 @@ Decoder-only LM (`decoder_train_flops`), B sequences of T tokens, L layers:
     6 * (L * N_block + D * V) * B * T  +  12 * L * B * T^2 * H * Dh,
     N_block = D * (H + 2K) * Dh + H * Dh * D + 3 * D * F           (q, k, v, o; gate, up, down)
 
-which gives 1,030.8 GFLOP for the issue's reference shape (D 512, L 8, H = K = 8, Dh 64,
+which gives 1,030.8 GFLOP for the reference shape (D 512, L 8, H = K = 8, Dh 64,
 F 2048, V 8192, B 8, T 512). The embedding lookup is a gather, not a matmul: 0 FLOPs (the head is
 counted whether tied or not, it is a matmul either way).
 
@@ -37,6 +37,7 @@ from collections.abc import Mapping
 from spectron_jax.config import SpectronConfig
 from spectron_jax.nn.conformer import ConformerConfig
 from spectron_jax.nn.decoder import DecoderConfig
+from spectron_jax.nn.layers import ceil_div
 
 # Pass multipliers over the forward FLOPs of one matmul (module docstring).
 TRAINED = 3
@@ -118,8 +119,9 @@ def conformer_forward_flops(config: ConformerConfig, batch: int, frames: int) ->
     h = c.hidden_dim
     if c.stem == "subsampling":
         ch = c.subsampling_channels
-        t1, f1 = -(-frames // 2), -(-c.input_dim // 2)  # 3x3 stride-2, padding 1: ceil(x / 2).
-        t2, f2 = -(-t1 // 2), -(-f1 // 2)
+        # 3x3 stride-2 convs with padding 1 halve each axis, rounding up.
+        t1, f1 = ceil_div(frames, 2), ceil_div(c.input_dim, 2)
+        t2, f2 = ceil_div(t1, 2), ceil_div(f1, 2)
         stem = 2 * batch * t1 * f1 * 9 * ch  # conv1: one input channel.
         stem_rest = 2 * batch * t2 * f2 * 9 * ch * ch + 2 * batch * t2 * (f2 * ch) * h
         t = t2
@@ -128,7 +130,9 @@ def conformer_forward_flops(config: ConformerConfig, batch: int, frames: int) ->
     per_token = (
         2 * 2 * h * c.mlp_dim  # ffn1, ffn2.
         + 4 * h * h  # query, key, value, out.
-        + h * 2 * h + c.conv_kernel_size * h + h * h  # pointwise_in (GLU), depthwise, out.
+        + h * 2 * h
+        + c.conv_kernel_size * h
+        + h * h  # pointwise_in (GLU), depthwise, out.
     )
     matmuls = 2 * c.num_layers * per_token * batch * t
     attn = c.num_layers * attention_forward_flops(batch, t, t, c.num_heads, c.head_dim)
@@ -180,8 +184,10 @@ def spectron_train_flops(
     h_pre, h_post = c.prenet_hidden_dim, c.postnet_hidden_dim
     terms = {
         "connector": 2 * batch * p * enc_width * d * connector_pass,
-        "pre_net": 2 * batch * n * (r * mels * h_pre * TRAINED_DATA_INPUT
-                                    + (h_pre * h_pre + h_pre * d) * TRAINED),
+        "pre_net": 2
+        * batch
+        * n
+        * (r * mels * h_pre * TRAINED_DATA_INPUT + (h_pre * h_pre + h_pre * d) * TRAINED),
         "post_net": 2 * batch * n * (d * h_post + h_post * r * mels) * TRAINED,
     }
     if c.stop_head:

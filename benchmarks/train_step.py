@@ -4,7 +4,7 @@
     python benchmarks/train_step.py --configs decoder,hand --steps 3 --batch 2 --seq 128
 
 Configs (`--configs`, comma-separated; default all):
-  decoder     the issue's reference text-only LM (d_model 512, 8 layers, 8 heads of 64, SwiGLU
+  decoder     the reference text-only LM (d_model 512, 8 layers, 8 heads of 64, SwiGLU
               2048, vocab 8192 untied, seq 512, batch 8, f32, AdamW) as `nn.decoder.Decoder`
               trained by `trainer.Trainer` (its default step: clipping, finite check);
   hand        the same math as a minimal flax + optax step written below (the "hand baseline");
@@ -17,7 +17,7 @@ Configs (`--configs`, comma-separated; default all):
 For each config it prints the median step time of `--steps` steps after one warm-up step, text
 tokens/s and target frames/s, the model FLOPs of `flops.py`, XLA's compiled FLOPs
 (`jit(...).lower(...).compile().cost_analysis()`) and their ratio, and MFU against the peak of a
-2048 x 2048 f32 matmul measured at the start of the same run; then the ratios of the issue's speed
+2048 x 2048 f32 matmul measured at the start of the same run; then the ratios of the speed
 targets. `--seq` sets the LM positions (layouts scale with it), `--batch` the batch size.
 """
 
@@ -52,8 +52,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL_CONFIGS = ("decoder", "hand", "spectron", "tiny", "tiny_text", "small", "small_text")
 
 REFERENCE_DECODER = DecoderConfig(
-    vocab_size=8192, num_layers=8, d_model=512, num_heads=8, num_kv_heads=8, head_dim=64,
-    mlp_dim=2048, activation="silu", norm_variant="llama",
+    vocab_size=8192,
+    num_layers=8,
+    d_model=512,
+    num_heads=8,
+    num_kv_heads=8,
+    head_dim=64,
+    mlp_dim=2048,
+    activation="silu",
+    norm_variant="llama",
 )
 # Same AdamW hyper-parameters for our trainer and the hand baseline.
 OPTIMIZER = trainer.OptimizerConfig(
@@ -182,10 +189,11 @@ def _spectron_batch(
     rng = np.random.default_rng(0)
     tokens = rng.integers(1, config.decoder.vocab_size, (batch, text + 1), dtype=np.int32)
     part = np.ones((batch, text), np.int32)
-    part[:, text // 3:] = 2
+    part[:, text // 3 :] = 2
     return {
-        "encoder_features": rng.normal(size=(batch, prompt_frames, config.encoder_feature_dim))
-        .astype(np.float32),
+        "encoder_features": rng.normal(
+            size=(batch, prompt_frames, config.encoder_feature_dim)
+        ).astype(np.float32),
         "encoder_mask": np.ones((batch, prompt_frames), np.int32),
         "decoder_input_tokens": tokens[:, :-1],
         "decoder_target_tokens": tokens[:, 1:],
@@ -211,15 +219,27 @@ def trainer_bench(name: str, network: Any, data: dict[str, np.ndarray], **counts
     def step(s):
         return tr.train_step(s, sharded, rng)[0]
 
-    return Bench(name, step, state, _cost_flops(compiled), hlo=compiled.as_text(),
-                 compile_s=compile_s, **counts)
+    return Bench(
+        name,
+        step,
+        state,
+        _cost_flops(compiled),
+        hlo=compiled.as_text(),
+        compile_s=compile_s,
+        **counts,
+    )
 
 
 def decoder_bench(name: str, config: DecoderConfig, batch: int, length: int) -> Bench:
     return trainer_bench(
-        name, TextLM(config), _text_batch(batch, length, config.vocab_size),
+        name,
+        TextLM(config),
+        _text_batch(batch, length, config.vocab_size),
         model=flops_lib.decoder_train_flops(config, batch, length),
-        batch=batch, positions=length, text_tokens=length, frames=0,
+        batch=batch,
+        positions=length,
+        text_tokens=length,
+        frames=0,
     )
 
 
@@ -235,21 +255,37 @@ def spectron_bench(
         raise ValueError(f"{prompt_frames} prompt frames do not give {prefix} prefix slots")
     frames = slots * config.reduction_factor
     return trainer_bench(
-        name, models.SpectronModel(config),
+        name,
+        models.SpectronModel(config),
         _spectron_batch(config, batch, prompt_frames, text, frames),
         model=flops_lib.spectron_train_flops(config, batch, prompt_frames, text, frames),
-        batch=batch, positions=prefix + text + slots, text_tokens=text, frames=frames,
+        batch=batch,
+        positions=prefix + text + slots,
+        text_tokens=text,
+        frames=frames,
     )
 
 
 def reference_spectron_config() -> config_lib.SpectronConfig:
     encoder = ConformerConfig(
-        input_dim=80, stem="subsampling", subsampling_channels=64, hidden_dim=512, num_layers=4,
-        num_heads=8, mlp_dim=2048, conv_kernel_size=15, causal_conv=False, position="rotary",
+        input_dim=80,
+        stem="subsampling",
+        subsampling_channels=64,
+        hidden_dim=512,
+        num_layers=4,
+        num_heads=8,
+        mlp_dim=2048,
+        conv_kernel_size=15,
+        causal_conv=False,
+        position="rotary",
     )
     return config_lib.SpectronConfig(
-        decoder=REFERENCE_DECODER, encoder=encoder, encoder_frozen=True, reduction_factor=2,
-        prenet_hidden_dim=256, postnet_hidden_dim=512,
+        decoder=REFERENCE_DECODER,
+        encoder=encoder,
+        encoder_frozen=True,
+        reduction_factor=2,
+        prenet_hidden_dim=256,
+        postnet_hidden_dim=512,
     )
 
 
@@ -328,8 +364,13 @@ def hand_bench(name: str, config: DecoderConfig, batch: int, length: int) -> Ben
     params = net.init(jax.random.key(0), data["decoder_input_tokens"])["params"]
     tx = optax.chain(
         optax.clip_by_global_norm(OPTIMIZER.clip_norm),
-        optax.adamw(OPTIMIZER.learning_rate, b1=OPTIMIZER.b1, b2=OPTIMIZER.b2, eps=OPTIMIZER.eps,
-                    weight_decay=OPTIMIZER.weight_decay),
+        optax.adamw(
+            OPTIMIZER.learning_rate,
+            b1=OPTIMIZER.b1,
+            b2=OPTIMIZER.b2,
+            eps=OPTIMIZER.eps,
+            weight_decay=OPTIMIZER.weight_decay,
+        ),
     )
 
     def loss_fn(p):
@@ -348,9 +389,17 @@ def hand_bench(name: str, config: DecoderConfig, batch: int, length: int) -> Ben
     compiled = jax.jit(step, donate_argnums=0).lower(state).compile()
     compile_s = time.perf_counter() - start
     return Bench(
-        name, compiled, state, _cost_flops(compiled),
-        model=flops_lib.decoder_train_flops(c, batch, length), batch=batch, positions=length,
-        text_tokens=length, frames=0, hlo=compiled.as_text(), compile_s=compile_s,
+        name,
+        compiled,
+        state,
+        _cost_flops(compiled),
+        model=flops_lib.decoder_train_flops(c, batch, length),
+        batch=batch,
+        positions=length,
+        text_tokens=length,
+        frames=0,
+        hlo=compiled.as_text(),
+        compile_s=compile_s,
     )
 
 
@@ -415,7 +464,7 @@ def report(bench: Bench, times: list[float], peak: float) -> Result:
 
 
 def summary(results: dict[str, Result]) -> None:
-    print("\nratios (targets of issue 4):")
+    print("\nratios (against their targets):")
     if "decoder" in results and "hand" in results:
         r = results["decoder"].seconds / results["hand"].seconds
         print(f"  ours / hand baseline step time: {r:.3f} (target <= 1.25)")
@@ -427,8 +476,10 @@ def summary(results: dict[str, Result]) -> None:
             r = results[speech].per_position / results[text].per_position
             print(f"  {speech} / {text}, time per LM position: {r:.3f}")
     for res in results.values():
-        print(f"  {res.name}: compiled / model FLOPs {res.compiled_flops / res.model_flops:.3f}"
-              " (target <= 1.15)")
+        print(
+            f"  {res.name}: compiled / model FLOPs {res.compiled_flops / res.model_flops:.3f}"
+            " (target <= 1.15)"
+        )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Result]:
@@ -444,8 +495,10 @@ def main(argv: list[str] | None = None) -> dict[str, Result]:
         if n not in ALL_CONFIGS:
             parser.error(f"unknown config {n!r}; choose from {ALL_CONFIGS}")
 
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"jax {jax.__version__} on {jax.devices()[0].device_kind}, "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}"
+    )
     peak = matmul_peak()
     print(f"peak: 2048x2048 f32 matmul {peak / 1e9:,.1f} GFLOP/s", flush=True)
     results = {}

@@ -48,8 +48,10 @@ def main() -> None:
     rng = np.random.default_rng(0)
     # A plausible log-mel range (speech sits between about -4 and 0 in log10 magnitude).
     log_mel = rng.uniform(-4.0, -0.5, (args.batch, frames, config.n_mels)).astype(np.float32)
-    print(f"device: {jax.devices()[0].device_kind}; batch {args.batch} x {frames} frames "
-          f"({audio_seconds:.2f} s of audio at {config.sample_rate} Hz)")
+    print(
+        f"device: {jax.devices()[0].device_kind}; batch {args.batch} x {frames} frames "
+        f"({audio_seconds:.2f} s of audio at {config.sample_rate} Hz)"
+    )
 
     gl = griffin_lim.GriffinLimVocoder(config, num_iters=args.iters)
     gl_seconds = _time(lambda: gl(log_mel), args.repeats)
@@ -59,10 +61,14 @@ def main() -> None:
     vocoder = hifigan.HifiGanVocoder(hifi_config, params, config)
     hifi_seconds = _time(lambda: vocoder(log_mel), args.repeats)
 
-    for name, seconds in ((f"griffin-lim ({args.iters} iters)", gl_seconds),
-                          ("hifi-gan (speecht5 size)", hifi_seconds)):
-        print(f"{name:28s} {seconds:7.3f} s compute  {audio_seconds / seconds:8.2f} s audio/s  "
-              f"RTF {seconds / audio_seconds:.3f}")
+    for name, seconds in (
+        (f"griffin-lim ({args.iters} iters)", gl_seconds),
+        ("hifi-gan (speecht5 size)", hifi_seconds),
+    ):
+        print(
+            f"{name:28s} {seconds:7.3f} s compute  {audio_seconds / seconds:8.2f} s audio/s  "
+            f"RTF {seconds / audio_seconds:.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -1,10 +1,16 @@
-"""Orbax checkpoints: save policy, keep policy, resume order, and partial init.
+"""Orbax checkpoints: the layout on disk (both ways), save and keep policies, resume order, and
+partial init. Nothing else in the package knows where a checkpoint keeps what.
 
-Each checkpoint step directory holds three items:
-  state/   the `TrainState` (sharded arrays; async save),
-  data/    JSON {"batches_consumed": n, "seed": s}: the data-iterator position, so a resumed run
-           skips exactly the batches it already trained on,
-  config/  JSON model config (whatever the caller passes, e.g. `dataclasses.asdict(config)`).
+Each checkpoint step directory `<model_dir>/checkpoints/<step>/` holds:
+  state/       the `TrainState` (sharded arrays; async save),
+  data/        JSON {"batches_consumed": n, "seed": s}: the data-iterator position, so a resumed
+               run skips exactly the batches it already trained on,
+  config/      JSON model config (`SpectronConfig.to_dict()`, spectrogram config included),
+  vocabulary/  the tokenizer file itself (`tiny_spm.model`, `tokenizer.json`, ...) and
+               `vocabulary.json` (file name, sha256, vocab size, extra ids, BOS / EOS / PAD),
+so that a step directory is all a tool needs: `find_step_dir`, `read_model_config` and
+`read_vocabulary` read it, `save_for_inference` writes it for converted weights. Checkpoints
+from before `vocabulary/` existed still load where the caller names the vocabulary file.
 
 Orbax writes a step into a `*.orbax-checkpoint-tmp-*` directory and renames it when complete, so a
 process killed mid-save leaves only a tmp directory, which step listing ignores: resuming always
@@ -15,21 +21,95 @@ is skipped with a warning in favour of the one before it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import gin
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-import gin
-
 PyTree = Any
 logger = logging.getLogger(__name__)
+
+VOCABULARY_ITEM = "vocabulary"
+VOCABULARY_JSON = "vocabulary.json"
+
+
+class MissingVocabularyError(FileNotFoundError):
+    """A checkpoint that records no vocabulary, with no vocabulary file given either."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The vocabulary item: the tokenizer file and the special ids, as plain files.
+# ----------------------------------------------------------------------------------------------
+
+
+class _VocabularyHandler(ocp.CheckpointHandler):
+    """Copies the tokenizer file into the step's `vocabulary/` item, beside `vocabulary.json`."""
+
+    def save(self, directory: epath.Path, args: VocabularySave) -> None:
+        if jax.process_index() != 0:  # One writer: the directory is shared by all hosts.
+            return
+        directory = epath.Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(args.file, os.fspath(directory / os.path.basename(args.file)))
+        (directory / VOCABULARY_JSON).write_text(json.dumps(args.record, indent=2))
+
+    def restore(self, directory: epath.Path, args: Any = None) -> dict[str, Any]:
+        del args
+        return json.loads((epath.Path(directory) / VOCABULARY_JSON).read_text())
+
+    def metadata(self, directory: epath.Path) -> None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+@ocp.args.register_with_handler(_VocabularyHandler, for_save=True)
+@dataclasses.dataclass
+class VocabularySave(ocp.args.CheckpointArgs):
+    """Save args of the vocabulary item: the tokenizer file and its JSON record."""
+
+    file: str
+    record: dict[str, Any]
+
+
+@ocp.args.register_with_handler(_VocabularyHandler, for_restore=True)
+@dataclasses.dataclass
+class VocabularyRestore(ocp.args.CheckpointArgs):
+    """Restore args of the vocabulary item (Orbax needs both; `read_vocabulary` reads the plain
+    files instead)."""
+
+
+def vocabulary_record(vocabulary: Any) -> VocabularySave | None:
+    """What a checkpoint stores of a model's vocabulary (None for one without a file)."""
+    from spectron_jax import vocabularies
+
+    path = vocabularies.vocabulary_file(vocabulary)
+    if path is None:
+        logger.warning(
+            "checkpoint: vocabulary %s has no file to store; tools will need it passed",
+            vocabularies.describe(vocabulary),
+        )
+        return None
+    ids = vocabularies.special_ids(vocabulary)
+    record = {
+        "file": os.path.basename(path),
+        "sha256": vocabularies.file_digest(path),
+        "vocab_size": int(vocabulary.vocab_size),
+        "extra_ids": int(getattr(vocabulary, "extra_ids", 0)),
+        **ids.to_dict(),
+    }
+    return VocabularySave(file=path, record=record)
 
 
 @gin.configurable
@@ -70,6 +150,7 @@ class Checkpointer:
         directory: str | epath.Path,
         config: CheckpointConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
+        vocabulary: Any = None,
     ):
         """Opens (or creates) the checkpoint directory.
 
@@ -77,10 +158,12 @@ class Checkpointer:
           directory: the model dir's checkpoint directory.
           config: save / keep policy.
           clock: seconds, injectable so time-based saving is testable.
+          vocabulary: the model's vocabulary, stored in every step (None: not stored).
         """
         self.directory = epath.Path(directory)
         self.config = config or CheckpointConfig()
         self.clock = clock
+        self._vocabulary = vocabulary_record(vocabulary) if vocabulary is not None else None
         self._last_save_time = clock()
         policies: list[Any] = [ocp.checkpoint_managers.LatestN(max(self.config.keep_last, 1))]
         if self.config.keep_every > 0:
@@ -92,7 +175,9 @@ class Checkpointer:
             cleanup_tmp_directories=True,
         )
         self.manager = ocp.CheckpointManager(
-            self.directory, item_names=("state", "data", "config"), options=options
+            self.directory,
+            item_names=("state", "data", "config", VOCABULARY_ITEM),
+            options=options,
         )
 
     # -- saving ----------------------------------------------------------------------------------
@@ -133,15 +218,14 @@ class Checkpointer:
             return False
         if not (force or self.should_save(step)):
             return False
-        saved = self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=ocp.args.JsonSave(dict(data)),
-                config=ocp.args.JsonSave(dict(model_config or {})),
-            ),
-            force=True,
-        )
+        items = {
+            "state": ocp.args.StandardSave(state),
+            "data": ocp.args.JsonSave(dict(data)),
+            "config": ocp.args.JsonSave(dict(model_config or {})),
+        }
+        if self._vocabulary is not None:
+            items[VOCABULARY_ITEM] = self._vocabulary
+        saved = self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         self._last_save_time = self.clock()
         logger.info("checkpoint: saving step %d to %s", step, self.directory)
         return saved
@@ -347,3 +431,118 @@ def resume_or_init(
 
 def _shardings_of(tree: PyTree) -> PyTree:
     return jax.tree.map(lambda x: x.sharding, tree)
+
+
+# ----------------------------------------------------------------------------------------------
+# The layout, read side: what inference, evaluation and conversion tools call.
+# ----------------------------------------------------------------------------------------------
+
+
+def find_step_dir(checkpoint_dir: str | os.PathLike) -> epath.Path:
+    """The checkpoint step directory for a model dir, its `checkpoints/` dir or a step dir.
+
+    The newest complete step is chosen (unfinished `*.orbax-checkpoint-tmp-*` saves are ignored).
+
+    Raises:
+      FileNotFoundError: naming the directory and what was looked for.
+    """
+    path = epath.Path(checkpoint_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    if (path / "state").is_dir() and (path / "config").is_dir():
+        return path
+    for candidate in (path / "checkpoints", path):
+        if not candidate.is_dir():
+            continue
+        steps = sorted(int(p.name) for p in candidate.iterdir() if p.name.isdigit())
+        if steps:
+            return candidate / str(steps[-1])
+    raise FileNotFoundError(
+        f"no checkpoint in {path}: expected a model dir with checkpoints/<step>/, a checkpoints "
+        "dir with <step>/ folders, or a step dir with state/ and config/"
+    )
+
+
+def read_model_config(step_dir: str | os.PathLike) -> Any:
+    """The `SpectronConfig` saved beside the state (JSON, no pickle).
+
+    Raises:
+      ValueError: the step holds no Spectron model config.
+    """
+    from spectron_jax.config import SpectronConfig
+
+    config_dir = epath.Path(step_dir) / "config"
+    raw = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(config_dir)
+    if not raw or "decoder" not in raw:
+        raise ValueError(
+            f"{config_dir} holds no Spectron model config (got keys {sorted(raw or {})}); was the "
+            "checkpoint written by spectron_jax.train?"
+        )
+    return SpectronConfig.from_dict(raw)
+
+
+def read_vocabulary_record(step_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """`vocabulary/vocabulary.json` of a step, with `path` set to the stored file; None if the
+    checkpoint predates stored vocabularies."""
+    item = epath.Path(step_dir) / VOCABULARY_ITEM
+    if not (item / VOCABULARY_JSON).exists():
+        return None
+    record = json.loads((item / VOCABULARY_JSON).read_text())
+    record["path"] = os.fspath(item / record["file"])
+    return record
+
+
+def read_vocabulary(
+    step_dir: str | os.PathLike, vocabulary_file: str | os.PathLike | None = None
+) -> Any:
+    """The vocabulary of a checkpoint: the stored file, or `vocabulary_file` for old ones.
+
+    A given file overrides the stored one (with a warning where they differ).
+
+    Raises:
+      MissingVocabularyError: neither is there; the message names the `--vocab` flag.
+    """
+    from spectron_jax import vocabularies
+
+    record = read_vocabulary_record(step_dir)
+    if vocabulary_file is not None:
+        if record is not None and vocabularies.file_digest(vocabulary_file) != record["sha256"]:
+            logger.warning(
+                "vocabulary %s differs from the one stored in %s (%s); using the given file",
+                vocabulary_file,
+                step_dir,
+                record["file"],
+            )
+        return vocabularies.vocabulary(vocabulary_file, light=True)
+    if record is None:
+        raise MissingVocabularyError(
+            f"checkpoint {step_dir} stores no vocabulary (it was written before checkpoints "
+            "carried one): pass the tokenizer file it was trained with, --vocab FILE "
+            f"(the default tiny model is {vocabularies.TINY_SPM_PATH})"
+        )
+    return vocabularies.vocabulary(record["path"], extra_ids=record["extra_ids"], light=True)
+
+
+def save_for_inference(
+    directory: str | os.PathLike, model: Any, params: PyTree, step: int = 0
+) -> epath.Path:
+    """Writes `params`, the model config and vocabulary the way training does.
+
+    The inverse of `inference.load_model`, for converted weights and tests: the layout of
+    `<directory>/checkpoints/<step>/`, with an empty optimizer state.
+
+    Returns:
+      The step directory.
+    """
+    from spectron_jax.trainer import TrainState
+
+    ckpt = Checkpointer(
+        epath.Path(directory) / "checkpoints",
+        CheckpointConfig(async_save=False),
+        vocabulary=model.vocabulary,
+    )
+    state = TrainState(step=np.asarray(step, np.int32), params=params, opt_state={})
+    config = json.loads(json.dumps(model.config.to_dict(), default=str))
+    ckpt.save(step, state, {"batches_consumed": 0}, config, force=True)
+    ckpt.close()
+    return epath.Path(directory) / "checkpoints" / str(step)

@@ -9,6 +9,10 @@ answer), and write the generated speech. `--audio` may also be a folder (every .
 it) or a .txt list of paths (one a line, relative to the list; `#` comments); `--out` (and
 `--png`) are then folders. Unreadable files are reported and skipped; the summary names them and
 the exit status is non-zero only when every file failed.
+
+A checkpoint carries its vocabulary (`vocabulary/` in each step), so `--checkpoint` is all the
+commands need; `--vocab FILE` overrides it, and names the tokenizer of a checkpoint written
+before checkpoints stored one (without it such a checkpoint is a one-line error naming the flag).
 """
 
 from __future__ import annotations
@@ -84,6 +88,7 @@ class Outcome:
 
 
 def _decode_config(args: argparse.Namespace, loaded, seconds: float):
+    """The decode options of `continue` / `ask`; BOS / EOS are the checkpoint model's."""
     from spectron_jax import decoding, inference
 
     return decoding.DecodeConfig(
@@ -94,7 +99,8 @@ def _decode_config(args: argparse.Namespace, loaded, seconds: float):
         top_p=args.top_p,
         use_stop_logit=args.stop and loaded.config.stop_head,
         seed=args.seed,
-        **inference.special_ids(loaded.vocabulary),
+        bos_id=loaded.model.bos_id,
+        eos_id=loaded.model.eos_id,
     )
 
 
@@ -104,6 +110,8 @@ def run_speech(args: argparse.Namespace, mode: str) -> int:
 
     from spectron_jax import inference
     from spectron_jax.audio.io import AudioError, load_audio, write_wav
+    from spectron_jax.evaluation.plots import save_spectrogram_png
+    from spectron_jax.evaluation.text import split_text
 
     files, is_batch = expand_inputs(args.audio)
     out = pathlib.Path(args.out)
@@ -112,9 +120,7 @@ def run_speech(args: argparse.Namespace, mode: str) -> int:
         if out.suffix.lower() == ".wav":
             raise SystemExit(f"spectron: --audio {args.audio} is a batch; --out must be a folder")
         out.mkdir(parents=True, exist_ok=True)
-    loaded = inference.load_model_for_inference(
-        args.checkpoint, inference.load_vocabulary(args.vocab) if args.vocab else None
-    )
+    loaded = inference.load_model_for_inference(args.checkpoint, args.vocab)
     config = loaded.config
     vocoder = inference.make_vocoder(args.vocoder, config.spectrogram, args.vocoder_dir)
     decode_config = _decode_config(args, loaded, args.seconds)
@@ -135,7 +141,7 @@ def run_speech(args: argparse.Namespace, mode: str) -> int:
             tqdm.write(f"skipped: {err}", file=sys.stderr)  # The error names the file.
             continue
         gen = inference.generate(loaded, [features], decode_config)[0]
-        outcome.transcript, outcome.continuation = inference.split_text(
+        outcome.transcript, outcome.continuation = split_text(
             gen.text,
             prompt_text=args.transcript,
             prompt_seconds=waveform.size / rate,
@@ -147,7 +153,7 @@ def run_speech(args: argparse.Namespace, mode: str) -> int:
         if png is not None:
             png_path = png / f"{name}.png" if is_batch else png
             prompt_mel = config.spectrogram.features_numpy(waveform)
-            inference.save_spectrogram_png(png_path, prompt_mel, gen.frames, title=str(path))
+            save_spectrogram_png(png_path, prompt_mel, gen.frames, title=str(path))
         tqdm.write(
             f"{path}\n  transcript:   {outcome.transcript}\n  {label + ':':<13} "
             f"{outcome.continuation}\n  audio:        {wav_path} "
@@ -203,10 +209,15 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True,
-                   help="model dir, its checkpoints/ dir, or one step dir")
-    p.add_argument("--vocab", default=None,
-                   help="SentencePiece .model or tokenizer.json (default: the shipped tiny one)")
+    p.add_argument(
+        "--checkpoint", required=True, help="model dir, its checkpoints/ dir, or one step dir"
+    )
+    p.add_argument(
+        "--vocab",
+        default=None,
+        help="SentencePiece .model or tokenizer.json; default: the one the checkpoint "
+        "stores (pass it for checkpoints written before they stored one)",
+    )
     p.add_argument("--vocoder", choices=("griffin_lim", "hifigan"), default="griffin_lim")
     p.add_argument("--vocoder-dir", default=None, help="local HF SpeechT5HifiGan folder")
     p.add_argument("--max-text-tokens", type=int, default=64)
@@ -217,12 +228,22 @@ def _sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--stop", action="store_true",
-                   help="end speech at the learned stop logit (models with a stop head)")
-    p.add_argument("--transcript", default=None,
-                   help="the prompt's words, if known: the text is cut at their alignment")
-    p.add_argument("--words-per-second", type=float, default=2.5,
-                   help="speaking rate that places the transcript/continuation cut otherwise")
+    p.add_argument(
+        "--stop",
+        action="store_true",
+        help="end speech at the learned stop logit (models with a stop head)",
+    )
+    p.add_argument(
+        "--transcript",
+        default=None,
+        help="the prompt's words, if known: the text is cut at their alignment",
+    )
+    p.add_argument(
+        "--words-per-second",
+        type=float,
+        default=2.5,
+        help="speaking rate that places the transcript/continuation cut otherwise",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -235,8 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     cont.add_argument("--audio", required=True, help="a speech file, a folder, or a .txt list")
     cont.add_argument("--out", required=True, help="output .wav (a folder for a batch)")
     cont.add_argument("--seconds", type=float, default=3.0, help="speech to generate")
-    cont.add_argument("--png", default=None,
-                      help="PNG of prompt and continuation spectrograms (a folder for a batch)")
+    cont.add_argument(
+        "--png",
+        default=None,
+        help="PNG of prompt and continuation spectrograms (a folder for a batch)",
+    )
 
     ask = sub.add_parser("ask", help="answer a spoken question (text and speech)")
     _common(ask)
@@ -252,12 +276,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", required=True)
     ev.add_argument("--out", required=True, help="folder for the JSON, report, PNGs and WAVs")
     ev.add_argument("--max-examples", type=int, default=None)
-    ev.add_argument("--seconds", type=float, default=None,
-                    help="speech to generate (default: the reference continuation's length)")
+    ev.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="speech to generate (default: the reference continuation's length)",
+    )
     ev.add_argument("--num-samples", type=int, default=4, help="examples saved as PNG + WAV")
     ev.add_argument("--batch-size", type=int, default=8)
-    ev.add_argument("--speaker-encoder", default=None,
-                    help="speaker encoder file (.npz of MelStatsSpeakerEncoder; default: none)")
+    ev.add_argument(
+        "--speaker-encoder",
+        default=None,
+        help="speaker encoder file (.npz of MelStatsSpeakerEncoder; default: none)",
+    )
     ev.add_argument("--asr-dir", default=None, help="local HF ASR model (log-perplexity)")
     ev.add_argument("--lm-dir", default=None, help="local HF GPT-2 model (log-perplexity)")
     return parser
@@ -273,7 +304,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_speech(args, args.command)
         return run_eval(args)
     except (FileNotFoundError, ValueError) as err:
-        # A wrong checkpoint, vocabulary, vocoder or task: one clear line, no traceback.
+        # A wrong checkpoint, vocabulary, vocoder or task, or a checkpoint that stores no
+        # vocabulary given no --vocab (`checkpoints.MissingVocabularyError`, a
+        # FileNotFoundError): one clear line, no traceback.
         print(f"spectron {args.command}: error: {err}", file=sys.stderr)
         return 2
 

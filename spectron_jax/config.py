@@ -18,10 +18,12 @@ import json
 from typing import Any
 
 import gin
+
 from spectron_jax.audio.spectrogram import SpectrogramConfig
 from spectron_jax.losses import LossConfig
 from spectron_jax.nn.conformer import ConformerConfig
 from spectron_jax.nn.decoder import DecoderConfig
+from spectron_jax.nn.layers import ceil_div
 from spectron_jax.nn.spec_augment import SpecAugmentConfig
 
 FRONT_ENDS = ("log_mel", "w2v_bert_fbank")
@@ -107,7 +109,7 @@ class SpectronConfig:
 
     def prefix_length(self, num_feature_frames: int) -> int:
         """P, the prefix slots for T_p encoder input frames (stem subsampling, then stacking)."""
-        return -(-self.encoder.output_length(num_feature_frames) // self.connector_stack)
+        return ceil_div(self.encoder.output_length(num_feature_frames), self.connector_stack)
 
     # -- JSON round trip (written into checkpoints; no pickle) -----------------------------------
 

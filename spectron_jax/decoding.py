@@ -1,9 +1,10 @@
 """Generation with a KV cache: prompt -> transcript and text continuation -> spectrogram frames.
 
 The decoder sequence is the fixed-slot layout of training (docs/CONTRACTS.md section 2), written
-into one KV cache of S = P + text slots + N slots:
+into one KV cache of S = P + text slots + N slots, in three phases:
 
     prefill  [P prefix slots][BOS]           one chunk, prefix bidirectional among itself
+             (or [prefix][forced text])
     text     one slot per generated token    `lax.while_loop` until every row emitted EOS
     frames   one slot per frame group        `lax.while_loop`: pre-net(previous group) in,
                                              post-net group out, until N groups or the stop logit
@@ -14,6 +15,7 @@ advance), exactly like padding inside the text region of a training batch, so a 
 every row as if it were alone. Positions are `cumsum(valid) - 1` as in training, which makes the
 cached run equal a teacher-forced pass over the generated sequence (tests/test_decoding.py).
 
+BOS and EOS are the model's (`model.bos_id`, `model.eos_id`) unless `DecodeConfig` names others.
 Everything after the host call is one jitted program per (model config, static decode options,
 batch shapes); the seed, BOS/EOS ids, temperature, top-k/top-p values and the stop rule are
 traced values, so changing them does not recompile (only switching greedy/sampling, top-k or
@@ -27,17 +29,19 @@ import functools
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
+from spectron_jax.interfaces import Model
 from spectron_jax.network import Spectron
 from spectron_jax.nn.attention import decode_mask, positions_from_valid, prefix_lm_mask
 from spectron_jax.nn.decoder import Decoder, init_cache
+from spectron_jax.nn.layers import ceil_div
 from spectron_jax.nn.speech_heads import group_frames, ungroup_frames
 
 if TYPE_CHECKING:
     from spectron_jax.config import SpectronConfig
-    from spectron_jax.models import SpectronModel
 
 PyTree = Any
 TEXT_MODES = ("free", "forced", "text_only")
@@ -58,8 +62,8 @@ class DecodeConfig:
       use_stop_logit: stop a row when sigmoid(stop) > stop_threshold (needs a stop head).
       stop_threshold: probability above which a row stops.
       seed: PRNG seed of sampling and of the pre-net's inference dropout.
-      bos_id: first decoder input token (3 in the tiny vocabulary; Gemma: 2).
-      eos_id: end-of-text token (1 in the tiny vocabulary and Gemma).
+      bos_id: first decoder input token; None = the model's `bos_id`.
+      eos_id: end-of-text token; None = the model's `eos_id`.
     """
 
     max_text_tokens: int = 64
@@ -71,8 +75,8 @@ class DecodeConfig:
     use_stop_logit: bool = False
     stop_threshold: float = 0.5
     seed: int = 0
-    bos_id: int = 3
-    eos_id: int = 1
+    bos_id: int | None = None
+    eos_id: int | None = None
 
     def __post_init__(self):
         problems = []
@@ -101,9 +105,23 @@ class DecodeConfig:
             use_stop_logit=False,
             stop_threshold=0.5,
             seed=0,
-            bos_id=0,
-            eos_id=0,
+            bos_id=None,
+            eos_id=None,
         )
+
+    def with_model_ids(self, model: Model) -> DecodeConfig:
+        """These options with BOS / EOS taken from `model` where they are None.
+
+        Raises:
+          ValueError: an id is None here and the model defines none either.
+        """
+        ids = {}
+        for name in ("bos_id", "eos_id"):
+            value = getattr(self, name)
+            ids[name] = getattr(model, name, None) if value is None else value
+            if ids[name] is None:
+                raise ValueError(f"DecodeConfig.{name} is None and the model defines no {name}")
+        return dataclasses.replace(self, **ids)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -182,6 +200,14 @@ def _frame_step(module: Spectron, prev_groups, positions, mask):
     return module.frame_outputs(hidden)
 
 
+def _embed(module: Spectron, tokens):
+    return module.decoder.embed(tokens)
+
+
+def _logits(module: Spectron, hidden):
+    return module.decoder.logits(hidden)
+
+
 def _prefill_mask(valid: jax.Array, is_prefix: jax.Array, cache_length: int) -> jax.Array:
     """Prefix-LM mask of the first chunk, widened to the cache: bool[B, 1, T, S]."""
     mask = prefix_lm_mask(valid, is_prefix)
@@ -194,8 +220,315 @@ def _set_column(x: jax.Array, index: jax.Array, value: jax.Array) -> jax.Array:
 
 
 # ------------------------------------------------------------------------------------------------
+# Loop states.
+# ------------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class CacheCursor:
+    """The KV cache and where the next slot goes; shared by the text and the frame loop.
+
+    Attributes:
+      cache: the decoder's `cache` collection (keys / values of S = cache length slots).
+      index: int32[] the next cache slot (the same for every row).
+      key_valid: int32[B, S] 1 on the slots written valid so far (attention keys).
+      next_pos: int32[B] the RoPE position of each row's next valid slot.
+    """
+
+    cache: PyTree
+    index: jax.Array
+    key_valid: jax.Array
+    next_pos: jax.Array
+
+
+@flax.struct.dataclass
+class TextLoopState:
+    """Carry of the text `while_loop`.
+
+    Attributes:
+      cursor: the cache after the tokens fed so far.
+      tok: int32[B] the last sampled token (fed at the next step).
+      done: bool[B] rows that emitted EOS or hit the limit (they feed invalid slots).
+      tokens: int32[B, max_text_tokens] the sampled tokens, 0 after EOS.
+      lengths: int32[B] tokens fed after BOS (= text length before EOS).
+      k: int32[] the column the next sampled token goes to.
+    """
+
+    cursor: CacheCursor
+    tok: jax.Array
+    done: jax.Array
+    tokens: jax.Array
+    lengths: jax.Array
+    k: jax.Array
+
+
+@flax.struct.dataclass
+class FrameLoopState:
+    """Carry of the frame `while_loop` (G = r * n_mels values per frame group).
+
+    Attributes:
+      cursor: the cache after the text and the groups fed so far.
+      prev: float32[B, G] the last generated group (the pre-net's next input).
+      active: bool[B] rows still generating (not stopped by the stop logit).
+      groups: float32[B, N, G] the generated groups, 0 where a row was not active.
+      stop_probs: float32[B, N] sigmoid of the stop logit, 0 where not run.
+      count: int32[B] groups generated per row.
+      j: int32[] the next group's index.
+    """
+
+    cursor: CacheCursor
+    prev: jax.Array
+    active: jax.Array
+    groups: jax.Array
+    stop_probs: jax.Array
+    count: jax.Array
+    j: jax.Array
+
+
+# ------------------------------------------------------------------------------------------------
 # The compiled program.
 # ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Program:
+    """What every phase of one traced `_generate` call shares (a trace-time closure, no pytree)."""
+
+    module: Spectron
+    options: DecodeConfig
+    params: PyTree
+    knobs: Mapping[str, jax.Array]
+    sample_rng: jax.Array
+    dropout_rng: jax.Array
+
+    def apply(self, method, *args):
+        """`method(module, *args)` without the cache."""
+        return self.module.apply({"params": self.params}, *args, method=method)
+
+    def apply_cached(self, cache, method, *args, rng=None):
+        """`method(module, *args)` writing into `cache`: (output, updated cache)."""
+        out, updated = self.module.apply(
+            {"params": self.params, "cache": cache},
+            *args,
+            method=method,
+            mutable=["cache"],
+            rngs={"dropout": self.dropout_rng if rng is None else rng},
+        )
+        return out, updated["cache"]
+
+    def step(self, cursor: CacheCursor, method, inputs, active, rng=None):
+        """One slot at the cursor (valid for `active` rows): (output, advanced cursor).
+
+        Args:
+          inputs: [B, 1, ...] the slot's input to `method`.
+          active: bool[B] rows whose slot is valid; the others write a masked-out slot and keep
+            their position, like padding inside a training sequence.
+        """
+        key_valid = _set_column(cursor.key_valid, cursor.index, active)
+        out, cache = self.apply_cached(
+            cursor.cache,
+            method,
+            inputs,
+            cursor.next_pos[:, None],
+            decode_mask(key_valid, cursor.index, 1),
+            rng=rng,
+        )
+        advanced = CacheCursor(
+            cache=cache,
+            index=cursor.index + 1,
+            key_valid=key_valid,
+            next_pos=cursor.next_pos + active,
+        )
+        return out, advanced
+
+
+def _first_text(
+    options: DecodeConfig, batch: Mapping[str, jax.Array], bos_id: jax.Array, b: int
+) -> tuple[jax.Array, jax.Array, int]:
+    """The text part of the prefill chunk: (tokens int32[B, T], valid int32[B, T], text slots).
+
+    "forced" takes the batch's `[BOS] transcript` (T = L); otherwise it is BOS alone (T = 1),
+    followed by one slot per generated token.
+    """
+    if options.text_mode == "forced":
+        tokens = batch["decoder_input_tokens"].astype(jnp.int32)
+        if "text_part" in batch:
+            valid = (batch["text_part"] > 0).astype(jnp.int32)
+        else:
+            valid = (tokens != 0).astype(jnp.int32)
+        return tokens, valid, tokens.shape[1]
+    tokens = jnp.full((b, 1), bos_id, jnp.int32)
+    valid = jnp.ones((b, 1), jnp.int32)
+    # BOS, then every generated token but the last one (EOS, or the limit's last token, which is
+    # still fed so that speech follows the whole text).
+    return tokens, valid, 1 + options.max_text_tokens
+
+
+def _num_groups(options: DecodeConfig, reduction_factor: int) -> int:
+    """Frame groups to generate: N = ceil(max_frames / r), 0 for "text_only"."""
+    return 0 if options.text_mode == "text_only" else ceil_div(options.max_frames, reduction_factor)
+
+
+def _prefill(
+    prog: _Program, batch: Mapping[str, jax.Array]
+) -> tuple[jax.Array, CacheCursor, jax.Array, jax.Array]:
+    """Encodes the prompt, creates the cache and runs `[prefix][first text]` in one chunk.
+
+    Returns:
+      (hidden float[B, P + T, D], cursor after the chunk, first text tokens int32[B, T] and
+      their validity int32[B, T], see `_first_text`).
+    """
+    c = prog.module.config
+    prefix, prefix_mask = prog.apply(
+        Spectron.encode, batch["encoder_features"], batch["encoder_mask"]
+    )
+    b, p = prefix_mask.shape
+    first_tokens, first_valid, text_slots = _first_text(
+        prog.options, batch, prog.knobs["bos_id"], b
+    )
+    cache_length = p + text_slots + _num_groups(prog.options, c.reduction_factor)
+    cache = {"decoder": init_cache(Decoder(c.decoder), b, cache_length)}
+
+    dtype = jnp.dtype(c.decoder.dtype)
+    x = jnp.concatenate(
+        [prefix.astype(dtype), prog.apply(_embed, first_tokens).astype(dtype)], axis=1
+    )
+    valid = jnp.concatenate([prefix_mask.astype(jnp.int32), first_valid], axis=1)
+    is_prefix = jnp.zeros_like(valid).at[:, :p].set(prefix_mask)
+    mask = _prefill_mask(valid, is_prefix, cache_length)
+    hidden, cache = prog.apply_cached(cache, _decoder_chunk, x, positions_from_valid(valid), mask)
+    cursor = CacheCursor(
+        cache=cache,
+        index=jnp.asarray(valid.shape[1], jnp.int32),
+        key_valid=jnp.pad(valid, ((0, 0), (0, cache_length - valid.shape[1]))),
+        next_pos=jnp.sum(valid, axis=-1),  # Position of each row's next valid slot.
+    )
+    return hidden, cursor, first_tokens, first_valid
+
+
+def _forced_text(
+    first_tokens: jax.Array, first_valid: jax.Array, max_text: int, eos_id: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """The given transcript (inputs after BOS), EOS appended, cut to `max_text` tokens.
+
+    Returns:
+      (text_tokens int32[B, max_text], text_lengths int32[B]), shaped as free decoding's.
+    """
+    n_given = jnp.maximum(jnp.sum(first_valid, axis=-1) - 1, 0)
+    given = jnp.pad(first_tokens[:, 1:], ((0, 0), (0, max_text + 1)))[:, :max_text]
+    col = jnp.arange(max_text)[None, :]
+    text_tokens = jnp.where(col < n_given[:, None], given, 0)
+    text_tokens = jnp.where(col == n_given[:, None], eos_id, text_tokens).astype(jnp.int32)
+    return text_tokens, jnp.minimum(n_given, max_text).astype(jnp.int32)
+
+
+def _text_cond(prog: _Program, s: TextLoopState) -> jax.Array:
+    return jnp.any(~s.done) & (s.k <= prog.options.max_text_tokens)
+
+
+def _text_body(prog: _Program, s: TextLoopState) -> TextLoopState:
+    """Feeds each active row's last token and samples the next one into column k."""
+    active = ~s.done  # Rows whose last token is to be fed (not EOS, not past the limit).
+    logits, cursor = prog.step(s.cursor, _text_step, s.tok[:, None], active)
+    rng = jax.random.fold_in(prog.sample_rng, s.k)
+    new = sample_tokens(rng, logits[:, 0], prog.options, prog.knobs)
+    write = active & (s.k < prog.options.max_text_tokens)
+    return TextLoopState(
+        cursor=cursor,
+        tok=new,
+        done=s.done | ~write | (new == prog.knobs["eos_id"]),
+        tokens=_set_column(s.tokens, s.k, jnp.where(write, new, 0)),
+        lengths=s.lengths + active,
+        k=s.k + 1,
+    )
+
+
+def _decode_text(
+    prog: _Program, hidden: jax.Array, cursor: CacheCursor
+) -> tuple[jax.Array, jax.Array, CacheCursor]:
+    """Samples text after the prefill until every row emitted EOS or the limit.
+
+    Args:
+      hidden: float[B, P + 1, D] the prefill's output (its last slot, BOS, predicts token 0).
+      cursor: the cache after the prefill.
+
+    Returns:
+      (text_tokens int32[B, max_text_tokens], text_lengths int32[B], cursor after the text).
+    """
+    b, max_text = hidden.shape[0], prog.options.max_text_tokens
+    last_logits = prog.apply(_logits, hidden[:, -1:])[:, 0]
+    tok = sample_tokens(
+        jax.random.fold_in(prog.sample_rng, 0), last_logits, prog.options, prog.knobs
+    )
+    state = TextLoopState(
+        cursor=cursor,
+        tok=tok,
+        done=tok == prog.knobs["eos_id"],
+        tokens=jnp.zeros((b, max_text), jnp.int32).at[:, 0].set(tok),
+        lengths=jnp.zeros((b,), jnp.int32),
+        k=jnp.asarray(1, jnp.int32),
+    )
+    state = jax.lax.while_loop(
+        functools.partial(_text_cond, prog), functools.partial(_text_body, prog), state
+    )
+    return state.tokens, state.lengths, state.cursor
+
+
+def _frame_cond(s: FrameLoopState) -> jax.Array:
+    return jnp.any(s.active) & (s.j < s.groups.shape[1])
+
+
+def _frame_body(prog: _Program, s: FrameLoopState) -> FrameLoopState:
+    """Feeds the previous group through the pre-net and writes the post-net's group j."""
+    rng = jax.random.fold_in(prog.dropout_rng, s.j)
+    (group, stop), cursor = prog.step(s.cursor, _frame_step, s.prev[:, None], s.active, rng)
+    group = group[:, 0].astype(jnp.float32)
+    groups = s.groups.at[:, s.j].set(jnp.where(s.active[:, None], group, 0.0))
+    stop_probs, still = s.stop_probs, s.active
+    if stop is not None:
+        prob = jax.nn.sigmoid(stop[:, 0].astype(jnp.float32))
+        stop_probs = stop_probs.at[:, s.j].set(jnp.where(s.active, prob, 0.0))
+        # The stop target is 1 on the last group (losses.stop_targets): keep it, then stop.
+        # Without use_stop_logit the threshold is +inf.
+        still = s.active & ~(prob > prog.knobs["stop_threshold"])
+    return FrameLoopState(
+        cursor=cursor,
+        prev=group,
+        active=still,
+        groups=groups,
+        stop_probs=stop_probs,
+        count=s.count + s.active,
+        j=s.j + 1,
+    )
+
+
+def _decode_frames(prog: _Program, cursor: CacheCursor, n_groups: int) -> dict[str, jax.Array]:
+    """Generates up to `n_groups` frame groups after the text, each fed back through the pre-net.
+
+    Returns:
+      `frames` float32[B, max_frames, n_mels], `frame_lengths` int32[B] and, with a stop head,
+      `stop_probs` float32[B, n_groups].
+    """
+    c = prog.module.config
+    r, n_mels, max_frames = c.reduction_factor, c.n_mels, prog.options.max_frames
+    b, group_dim = cursor.next_pos.shape[0], r * n_mels
+    state = FrameLoopState(
+        cursor=cursor,
+        prev=jnp.zeros((b, group_dim), jnp.float32),  # Group -1 = zeros, as in training.
+        active=jnp.ones((b,), bool),
+        groups=jnp.zeros((b, n_groups, group_dim), jnp.float32),
+        stop_probs=jnp.zeros((b, n_groups), jnp.float32),
+        count=jnp.zeros((b,), jnp.int32),
+        j=jnp.asarray(0, jnp.int32),
+    )
+    state = jax.lax.while_loop(_frame_cond, functools.partial(_frame_body, prog), state)
+    out = {
+        "frames": ungroup_frames(state.groups, n_mels)[:, :max_frames],
+        "frame_lengths": jnp.minimum(state.count * r, max_frames).astype(jnp.int32),
+    }
+    if c.stop_head:
+        out["stop_probs"] = state.stop_probs
+    return out
 
 
 def _generate(
@@ -205,200 +538,25 @@ def _generate(
     batch: Mapping[str, jax.Array],
     knobs: Mapping[str, jax.Array],
 ) -> dict[str, jax.Array]:
-    c = module.config
-    r, n_mels = c.reduction_factor, c.n_mels
-    eos = knobs["eos_id"]
+    """The traced program: prefill, then the text phase, then the frame phase (see `generate`)."""
     sample_rng, dropout_rng = jax.random.split(knobs["rng"])
-
-    def run(cache, method, *args, rng=None):
-        out, updated = module.apply(
-            {"params": params, "cache": cache},
-            *args,
-            method=method,
-            mutable=["cache"],
-            rngs={"dropout": dropout_rng if rng is None else rng},
-        )
-        return out, updated["cache"]
-
-    prefix, prefix_mask = module.apply(
-        {"params": params}, batch["encoder_features"], batch["encoder_mask"], method=Spectron.encode
-    )
-    b, p = prefix_mask.shape
-    max_text = options.max_text_tokens
+    prog = _Program(module, options, params, knobs, sample_rng, dropout_rng)
+    hidden, cursor, first_tokens, first_valid = _prefill(prog, batch)
     if options.text_mode == "forced":
-        first_tokens = batch["decoder_input_tokens"].astype(jnp.int32)
-        if "text_part" in batch:
-            first_valid = (batch["text_part"] > 0).astype(jnp.int32)
-        else:
-            first_valid = (first_tokens != 0).astype(jnp.int32)
-        text_slots = first_tokens.shape[1]
-    else:
-        first_tokens = jnp.full((b, 1), knobs["bos_id"], jnp.int32)
-        first_valid = jnp.ones((b, 1), jnp.int32)
-        # BOS, then every generated token but the last one (EOS, or the limit's last token, which
-        # is still fed so that speech follows the whole text).
-        text_slots = 1 + max_text
-    n_groups = 0 if options.text_mode == "text_only" else -(-options.max_frames // r)
-    cache_length = p + text_slots + n_groups
-
-    decoder = Decoder(c.decoder)
-    cache = {"decoder": init_cache(decoder, b, cache_length)}
-
-    # -- prefill: [prefix][BOS] (or [prefix][forced text]) in one chunk ----------------------
-    dtype = jnp.dtype(c.decoder.dtype)
-    x = jnp.concatenate(
-        [
-            prefix.astype(dtype),
-            module.apply({"params": params}, first_tokens, method=_embed).astype(dtype),
-        ],
-        axis=1,
-    )
-    valid = jnp.concatenate([prefix_mask.astype(jnp.int32), first_valid], axis=1)
-    is_prefix = jnp.zeros_like(valid).at[:, :p].set(prefix_mask)
-    hidden, cache = run(
-        cache,
-        _decoder_chunk,
-        x,
-        positions_from_valid(valid),
-        _prefill_mask(valid, is_prefix, cache_length),
-    )
-    key_valid = jnp.pad(valid, ((0, 0), (0, cache_length - valid.shape[1])))
-    next_pos = jnp.sum(valid, axis=-1)  # Position of each row's next valid slot.
-    index = jnp.asarray(valid.shape[1], jnp.int32)  # Next cache slot.
-
-    # -- text ----------------------------------------------------------------------------------
-    if options.text_mode == "forced":
-        # The given transcript (inputs after BOS), EOS appended, cut to max_text_tokens.
-        n_given = jnp.maximum(jnp.sum(first_valid, axis=-1) - 1, 0)
-        given = jnp.pad(first_tokens[:, 1:], ((0, 0), (0, max_text + 1)))[:, :max_text]
-        col = jnp.arange(max_text)[None, :]
-        text_tokens = jnp.where(col < n_given[:, None], given, 0)
-        text_tokens = jnp.where(col == n_given[:, None], eos, text_tokens).astype(jnp.int32)
-        text_lengths = jnp.minimum(n_given, max_text).astype(jnp.int32)
-    else:
-        last_logits = module.apply({"params": params}, hidden[:, -1:], method=_logits)[:, 0]
-        tok = sample_tokens(jax.random.fold_in(sample_rng, 0), last_logits, options, knobs)
-        text_tokens = jnp.zeros((b, max_text), jnp.int32).at[:, 0].set(tok)
-        done = tok == eos
-        state = dict(
-            cache=cache,
-            tok=tok,
-            done=done,
-            tokens=text_tokens,
-            lengths=jnp.zeros((b,), jnp.int32),
-            k=jnp.asarray(1, jnp.int32),
-            index=index,
-            key_valid=key_valid,
-            next_pos=next_pos,
+        tokens, lengths = _forced_text(
+            first_tokens, first_valid, options.max_text_tokens, knobs["eos_id"]
         )
-
-        def text_cond(s):
-            return jnp.any(~s["done"]) & (s["k"] <= max_text)
-
-        def text_body(s):
-            active = ~s["done"]  # Rows whose last token is to be fed (not EOS, not past).
-            key_valid = _set_column(s["key_valid"], s["index"], active)
-            logits, cache = run(
-                s["cache"],
-                _text_step,
-                s["tok"][:, None],
-                s["next_pos"][:, None],
-                decode_mask(key_valid, s["index"], 1),
-            )
-            new = sample_tokens(
-                jax.random.fold_in(sample_rng, s["k"]), logits[:, 0], options, knobs
-            )
-            write = active & (s["k"] < max_text)
-            tokens = _set_column(s["tokens"], s["k"], jnp.where(write, new, 0))
-            return dict(
-                cache=cache,
-                tok=new,
-                done=s["done"] | ~write | (new == eos),
-                tokens=tokens,
-                lengths=s["lengths"] + active,
-                k=s["k"] + 1,
-                index=s["index"] + 1,
-                key_valid=key_valid,
-                next_pos=s["next_pos"] + active,
-            )
-
-        state = jax.lax.while_loop(text_cond, text_body, state)
-        cache, index = state["cache"], state["index"]
-        key_valid, next_pos = state["key_valid"], state["next_pos"]
-        text_tokens, text_lengths = state["tokens"], state["lengths"]
-
-    out = {"text_tokens": text_tokens, "text_lengths": text_lengths}
+    else:
+        tokens, lengths, cursor = _decode_text(prog, hidden, cursor)
+    out = {"text_tokens": tokens, "text_lengths": lengths}
+    n_groups = _num_groups(options, module.config.reduction_factor)
     if n_groups == 0:
-        out["frames"] = jnp.zeros((b, 0, n_mels), jnp.float32)
+        b = hidden.shape[0]
+        out["frames"] = jnp.zeros((b, 0, module.config.n_mels), jnp.float32)
         out["frame_lengths"] = jnp.zeros((b,), jnp.int32)
         return out
-
-    # -- frames --------------------------------------------------------------------------------
-    group_dim = r * n_mels
-    state = dict(
-        cache=cache,
-        prev=jnp.zeros((b, group_dim), jnp.float32),  # Group -1 = zeros, as in training.
-        active=jnp.ones((b,), bool),
-        groups=jnp.zeros((b, n_groups, group_dim), jnp.float32),
-        stop_probs=jnp.zeros((b, n_groups), jnp.float32),
-        count=jnp.zeros((b,), jnp.int32),
-        j=jnp.asarray(0, jnp.int32),
-        index=index,
-        key_valid=key_valid,
-        next_pos=next_pos,
-    )
-
-    def frame_cond(s):
-        return jnp.any(s["active"]) & (s["j"] < n_groups)
-
-    def frame_body(s):
-        active = s["active"]
-        key_valid = _set_column(s["key_valid"], s["index"], active)
-        (group, stop), cache = run(
-            s["cache"],
-            _frame_step,
-            s["prev"][:, None],
-            s["next_pos"][:, None],
-            decode_mask(key_valid, s["index"], 1),
-            rng=jax.random.fold_in(dropout_rng, s["j"]),
-        )
-        group = group[:, 0].astype(jnp.float32)
-        groups = s["groups"].at[:, s["j"]].set(jnp.where(active[:, None], group, 0.0))
-        stop_probs = s["stop_probs"]
-        still = active
-        if stop is not None:
-            prob = jax.nn.sigmoid(stop[:, 0].astype(jnp.float32))
-            stop_probs = stop_probs.at[:, s["j"]].set(jnp.where(active, prob, 0.0))
-            # The stop target is 1 on the last group (losses.stop_targets): keep it, then stop.
-            # Without use_stop_logit the threshold is +inf.
-            still = active & ~(prob > knobs["stop_threshold"])
-        return dict(
-            cache=cache,
-            prev=group,
-            active=still,
-            groups=groups,
-            stop_probs=stop_probs,
-            count=s["count"] + active,
-            j=s["j"] + 1,
-            index=s["index"] + 1,
-            key_valid=key_valid,
-            next_pos=s["next_pos"] + active,
-        )
-
-    state = jax.lax.while_loop(frame_cond, frame_body, state)
-    out["frames"] = ungroup_frames(state["groups"], n_mels)[:, : options.max_frames]
-    out["frame_lengths"] = jnp.minimum(state["count"] * r, options.max_frames).astype(jnp.int32)
-    if c.stop_head:
-        out["stop_probs"] = state["stop_probs"]
+    out.update(_decode_frames(prog, cursor, n_groups))
     return out
-
-
-def _embed(module: Spectron, tokens):
-    return module.decoder.embed(tokens)
-
-
-def _logits(module: Spectron, hidden):
-    return module.decoder.logits(hidden)
 
 
 @functools.lru_cache(maxsize=32)
@@ -409,6 +567,7 @@ def _compiled(model_config: SpectronConfig, options: DecodeConfig):
 
 
 def _knobs(config: DecodeConfig, rng: jax.Array | None) -> dict[str, jax.Array]:
+    """The traced options (`config` with its BOS / EOS resolved)."""
     return {
         "rng": jax.random.PRNGKey(config.seed) if rng is None else rng,
         "temperature": jnp.asarray(max(config.temperature, 1e-6), jnp.float32),
@@ -433,7 +592,7 @@ def _check(model_config: SpectronConfig, batch: Mapping[str, Any], config: Decod
 
 
 def generate(
-    model: SpectronModel,
+    model: Model,
     params: PyTree,
     batch: Mapping[str, Any],
     config: DecodeConfig,
@@ -443,7 +602,8 @@ def generate(
     """Generates text, then speech, for a batch of prompts (one compiled program).
 
     Args:
-      model: the `SpectronModel` (its `config` picks the network).
+      model: the model (`SpectronModel`): its `config` picks the network, its `bos_id` /
+        `eos_id` are used where `config` leaves them None.
       params: its parameters (boxed or not).
       batch: `encoder_features` float32[B, T_p, F], `encoder_mask` int32[B, T_p]; for
         text_mode "forced" also `decoder_input_tokens` int32[B, L] (`[BOS] transcript`) and
@@ -458,6 +618,7 @@ def generate(
       with a stop head also `stop_probs` float32[B, ceil(max_frames / r)] (0 where not run).
     """
     _check(model.config, batch, config)
+    config = config.with_model_ids(model)
     keys = ["encoder_features", "encoder_mask"]
     if config.text_mode == "forced":
         keys += [k for k in ("decoder_input_tokens", "text_part") if k in batch]
@@ -466,7 +627,7 @@ def generate(
 
 
 def predict_batch_with_aux(
-    model: SpectronModel,
+    model: Model,
     params: PyTree,
     batch: Mapping[str, Any],
     rng: jax.Array | None = None,
@@ -488,7 +649,7 @@ def predict_batch_with_aux(
 def _compiled_uncached(model_config: SpectronConfig, max_frames: int):
     module = Spectron(model_config)
     r, n_mels = model_config.reduction_factor, model_config.n_mels
-    n_groups = -(-max_frames // r)
+    n_groups = ceil_div(max_frames, r)
 
     def fn(params, batch, rng):
         b = batch["encoder_features"].shape[0]
@@ -522,7 +683,7 @@ def _compiled_uncached(model_config: SpectronConfig, max_frames: int):
 
 
 def generate_frames_uncached(
-    model: SpectronModel,
+    model: Model,
     params: PyTree,
     batch: Mapping[str, Any],
     max_frames: int,

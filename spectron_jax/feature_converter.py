@@ -21,6 +21,8 @@ from collections.abc import Mapping
 import seqio
 import tensorflow as tf
 
+from spectron_jax.nn.layers import ceil_div
+
 FeatureSpec = seqio.FeatureConverter.FeatureSpec
 
 
@@ -65,8 +67,8 @@ class SpectronFeatureConverter(seqio.FeatureConverter):
     def __init__(
         self,
         *,
-        bos_id: int = 3,
-        eos_id: int = 1,
+        bos_id: int,
+        eos_id: int,
         reduction_factor: int = 1,
         pack: bool = False,
         apply_length_check: bool = True,
@@ -74,9 +76,12 @@ class SpectronFeatureConverter(seqio.FeatureConverter):
     ):
         """Args:
 
-        bos_id: id of the decoder's first input token (3 in the tiny vocabulary; Gemma: 2).
-        eos_id: id appended after the continuation transcript.
-        reduction_factor: frames per frame slot; T_f is padded to a multiple of it.
+        bos_id: id of the decoder's first input token (the model's: `SpectronModel.bos_id`).
+        eos_id: id appended after the continuation transcript (`SpectronModel.eos_id`).
+        reduction_factor: frames per frame slot; T_f is padded up to a multiple of it, so a task
+          length that is not one is handled (the padding frames are masked out).
+
+        Build it from the model (`SpectronModel.feature_converter()`), which owns these values.
         pack: must be False (examples are laid out in fixed slots).
         apply_length_check: seqio's check that task features fit their lengths.
         """
@@ -146,7 +151,7 @@ class SpectronFeatureConverter(seqio.FeatureConverter):
             + 1
         )
         r = self._reduction_factor
-        t_f = -(-task_feature_lengths["continuation_frames"] // r) * r
+        t_f = ceil_div(task_feature_lengths["continuation_frames"], r) * r
         return {
             "encoder_features": t_p,
             "encoder_mask": t_p,

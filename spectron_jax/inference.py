@@ -1,22 +1,17 @@
-"""Speech in, speech out with a trained checkpoint: load, featurise, decode, split text, vocode.
+"""Checkpoint in, frames and audio out: load, featurise, decode, vocode.
 
     wav --load_audio--> float32[S] --front end--> float32[T_p, F_enc] --pad to a bucket--> batch
-        --decoding.generate--> text ids + log-mel frames --vocoder--> float32[S'] --write_wav--> wav
+        --decoding.generate--> text + log-mel frames --vocoder--> float32[S'] --write_wav--> wav
 
-The decoder writes one text: the prompt transcript followed by the continuation (or the answer),
-with no separator between them [paper: one cross-entropy over the whole transcript]. Where the
-prompt's words are known (evaluation, `--transcript` in the CLI) `split_text` cuts the text at the
-word alignment with them; otherwise at an estimate from the prompt's duration and a speaking rate.
-
-Checkpoints are the trainer's (`checkpoints.Checkpointer`): `<model_dir>/checkpoints/<step>/`
-with `state/` (a `TrainState`, of which only `params` is read here) and `config/` (the model
-config JSON). `save_for_inference` writes the same layout (tests, converted weights).
+The text is the decoder's one text (the prompt transcript followed by the continuation or the
+answer); cutting it in two is evaluation's (`evaluation.text.split_text`). Checkpoints are the
+trainer's (`checkpoints.py` knows their layout): the model config, its vocabulary and the params
+of the newest step are all that is read.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -26,10 +21,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from etils import epath
 
 from spectron_jax.audio.spectrogram import SpectrogramConfig
 from spectron_jax.config import SpectronConfig
+from spectron_jax.nn.layers import ceil_div
 
 logger = logging.getLogger(__name__)
 PyTree = Any
@@ -37,9 +32,6 @@ PyTree = Any
 # Prompts are padded to a multiple of this many frames, so that prompts of similar length share
 # one compiled decode program (each new shape is a new XLA compile).
 PROMPT_BUCKET_FRAMES = 64
-# Typical read-speech rate (LibriSpeech: about 2.7 words/s): the fallback cut of `split_text`.
-DEFAULT_WORDS_PER_SECOND = 2.5
-BOS_ID = 3  # Of the tiny vocabulary and the feature converter's default.
 
 
 @dataclasses.dataclass
@@ -49,7 +41,7 @@ class LoadedModel:
     Attributes:
       model: the `SpectronModel`.
       params: its parameter tree (unboxed arrays).
-      vocabulary: the seqio vocabulary of its text ids.
+      vocabulary: the vocabulary of its text ids (the model's, as the checkpoint stores it).
       step: the checkpoint step the params come from.
     """
 
@@ -64,99 +56,8 @@ class LoadedModel:
 
 
 # ------------------------------------------------------------------------------------------------
-# Checkpoints.
+# Checkpoints (the layout is `checkpoints.py`'s).
 # ------------------------------------------------------------------------------------------------
-
-
-class SentencePieceText:
-    """The decode side of a SentencePiece model (`vocab_size`, `decode`), without seqio.
-
-    Importing seqio pulls in TensorFlow (tens of seconds on a busy CPU), which a command-line
-    call that only turns ids into words should not pay.
-    """
-
-    def __init__(self, model_file: str | os.PathLike):
-        import sentencepiece as spm
-
-        if not os.path.isfile(model_file):
-            raise FileNotFoundError(f"SentencePiece model not found: {model_file}")
-        self._sp = spm.SentencePieceProcessor(model_file=os.fspath(model_file))
-
-    @property
-    def vocab_size(self) -> int:
-        return self._sp.get_piece_size()
-
-    @property
-    def bos_id(self) -> int | None:
-        return self._sp.bos_id() if self._sp.bos_id() >= 0 else None
-
-    @property
-    def eos_id(self) -> int | None:
-        return self._sp.eos_id() if self._sp.eos_id() >= 0 else None
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self._sp.decode([int(i) for i in ids])
-
-
-def special_ids(vocabulary: Any) -> dict[str, int]:
-    """`bos_id` / `eos_id` of a vocabulary for `DecodeConfig` (only those it defines)."""
-    out = {}
-    for name in ("bos_id", "eos_id"):
-        value = getattr(vocabulary, name, None)
-        if isinstance(value, int) and value >= 0:
-            out[name] = value
-    return out
-
-
-def load_vocabulary(path: str | os.PathLike | None) -> Any:
-    """A vocabulary for decoding: a SentencePiece `.model` file, an HF `tokenizer.json`, or
-    (None) the tiny SentencePiece model shipped in `spectron_jax/assets`."""
-    if path is None:
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny_spm.model")
-    if os.fspath(path).endswith(".json"):
-        from spectron_jax.vocabularies import HFTokenizerVocabulary
-
-        return HFTokenizerVocabulary(path)
-    return SentencePieceText(path)
-
-
-def find_step_dir(checkpoint_dir: str | os.PathLike) -> epath.Path:
-    """The checkpoint step directory for a model dir, its `checkpoints/` dir or a step dir.
-
-    The newest complete step is chosen (unfinished `*.orbax-checkpoint-tmp-*` saves are ignored).
-
-    Raises:
-      FileNotFoundError: naming the directory and what was looked for.
-    """
-    path = epath.Path(checkpoint_dir)
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
-    if (path / "state").is_dir() and (path / "config").is_dir():
-        return path
-    for candidate in (path / "checkpoints", path):
-        if not candidate.is_dir():
-            continue
-        steps = sorted(int(p.name) for p in candidate.iterdir() if p.name.isdigit())
-        if steps:
-            return candidate / str(steps[-1])
-    raise FileNotFoundError(
-        f"no checkpoint in {path}: expected a model dir with checkpoints/<step>/, a checkpoints "
-        "dir with <step>/ folders, or a step dir with state/ and config/"
-    )
-
-
-def read_model_config(step_dir: str | os.PathLike) -> SpectronConfig:
-    """The `SpectronConfig` saved beside the state (JSON, no pickle)."""
-    import orbax.checkpoint as ocp
-
-    config_dir = epath.Path(step_dir) / "config"
-    raw = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(config_dir)
-    if not raw or "decoder" not in raw:
-        raise ValueError(
-            f"{config_dir} holds no Spectron model config (got keys {sorted(raw or {})}); was the "
-            "checkpoint written by spectron_jax.train?"
-        )
-    return SpectronConfig.from_dict(raw)
 
 
 def _abstract_params(model: Any) -> PyTree:
@@ -172,68 +73,38 @@ def _abstract_params(model: Any) -> PyTree:
 
 
 def load_model_for_inference(
-    checkpoint_dir: str | os.PathLike, vocabulary: Any = None
+    checkpoint_dir: str | os.PathLike, vocabulary_file: str | os.PathLike | None = None
 ) -> LoadedModel:
-    """Reads the model config and params of the newest step of a checkpoint directory.
+    """Reads the model config, vocabulary and params of the newest step of a checkpoint dir.
 
     Args:
       checkpoint_dir: a model dir, its `checkpoints/` dir, or one step dir.
-      vocabulary: the vocabulary the model was trained with (anything with `vocab_size` and
-        `decode`, e.g. a seqio vocabulary); default: the shipped tiny SentencePiece model (see
-        `load_vocabulary`). Checkpoints do not store it.
+      vocabulary_file: the tokenizer file, for checkpoints that do not store theirs (older
+        ones); overrides the stored one.
 
     Returns:
       The loaded model (params on the default device).
 
     Raises:
-      FileNotFoundError: no checkpoint; ValueError: config missing or vocabulary too large.
+      FileNotFoundError: no checkpoint; `checkpoints.MissingVocabularyError`: no vocabulary
+        stored nor given; ValueError: config missing or vocabulary too large for the decoder.
     """
     from spectron_jax import checkpoints
     from spectron_jax.models import SpectronModel
 
-    step_dir = find_step_dir(checkpoint_dir)
-    config = read_model_config(step_dir)
-    model = SpectronModel(config)
+    step_dir = checkpoints.find_step_dir(checkpoint_dir)
+    config = checkpoints.read_model_config(step_dir)
+    vocabulary = checkpoints.read_vocabulary(step_dir, vocabulary_file)
+    model = SpectronModel(config, vocabulary)
+    model.check_vocabulary_fits()
     abstract = _abstract_params(model)
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: sharding, abstract)
     params = checkpoints.load_subtrees(
         {"p": abstract}, step_dir, {"p": "params"}, {"p": shardings}
     )["p"]
-    if vocabulary is None:
-        vocabulary = load_vocabulary(None)
-    if vocabulary.vocab_size > config.decoder.vocab_size:
-        raise ValueError(
-            f"vocabulary has {vocabulary.vocab_size} ids but the model's decoder only "
-            f"{config.decoder.vocab_size}: pass the vocabulary the checkpoint was trained with"
-        )
     logger.info("loaded %s (step %s)", step_dir, step_dir.name)
     return LoadedModel(model=model, params=params, vocabulary=vocabulary, step=int(step_dir.name))
-
-
-def save_for_inference(
-    directory: str | os.PathLike, config: SpectronConfig, params: PyTree, step: int = 0
-) -> epath.Path:
-    """Writes `params` and `config` the way training does (`<directory>/checkpoints/<step>`).
-
-    The inverse of `load_model_for_inference`, for converted weights and tests; the optimizer
-    state is left empty.
-
-    Returns:
-      The step directory.
-    """
-    from spectron_jax import checkpoints
-    from spectron_jax.trainer import TrainState
-
-    ckpt = checkpoints.Checkpointer(
-        epath.Path(directory) / "checkpoints",
-        checkpoints.CheckpointConfig(async_save=False),
-    )
-    state = TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state={})
-    model_config = json.loads(json.dumps(config.to_dict(), default=str))
-    ckpt.save(step, state, {"batches_consumed": 0}, model_config, force=True)
-    ckpt.close()
-    return epath.Path(directory) / "checkpoints" / str(step)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -279,11 +150,11 @@ def num_frames_for(config: SpectronConfig, seconds: float) -> int:
         raise ValueError(f"seconds must be positive, got {seconds}")
     r = config.reduction_factor
     frames = math.ceil(seconds * config.spectrogram.frames_per_second)
-    return -(-frames // r) * r
+    return ceil_div(frames, r) * r
 
 
 def prompt_batch(
-    config: SpectronConfig,
+    model: Any,
     features: Sequence[np.ndarray],
     num_frames: int,
     bucket: int = PROMPT_BUCKET_FRAMES,
@@ -292,7 +163,7 @@ def prompt_batch(
     """A model batch (CONTRACTS.md section 2) holding prompts only.
 
     Args:
-      config: the model config.
+      model: the `SpectronModel` (its config, and its BOS id).
       features: per example float32[T_p_i, F_enc], the front end's output.
       num_frames: frames to generate (the `target_frames` length; multiple of reduction_factor).
       bucket: T_p is padded up to a multiple of this.
@@ -303,8 +174,9 @@ def prompt_batch(
       text keys of length 1 holding BOS, `target_frames` zeros float32[B, num_frames, n_mels] and
       an all-zero `frame_mask`.
     """
+    config = model.config
     b = len(features)
-    t_p = max(bucket, -(-max(len(f) for f in features) // bucket) * bucket, prompt_frames or 0)
+    t_p = max(bucket, ceil_div(max(len(f) for f in features), bucket) * bucket, prompt_frames or 0)
     enc = np.zeros((b, t_p, config.encoder_feature_dim), np.float32)
     mask = np.zeros((b, t_p), np.int32)
     for i, f in enumerate(features):
@@ -313,7 +185,7 @@ def prompt_batch(
     return {
         "encoder_features": enc,
         "encoder_mask": mask,
-        "decoder_input_tokens": np.full((b, 1), BOS_ID, np.int32),
+        "decoder_input_tokens": np.full((b, 1), model.bos_id, np.int32),
         "decoder_target_tokens": np.zeros((b, 1), np.int32),
         "decoder_loss_weights": np.zeros((b, 1), np.float32),
         "text_part": np.zeros((b, 1), np.int32),
@@ -323,7 +195,7 @@ def prompt_batch(
 
 
 # ------------------------------------------------------------------------------------------------
-# Text.
+# Generation and vocoding.
 # ------------------------------------------------------------------------------------------------
 
 
@@ -332,65 +204,6 @@ def decode_ids(vocabulary: Any, ids: np.ndarray, length: int) -> str:
     embedding) are dropped rather than crashing the tokenizer."""
     ids = [int(i) for i in np.asarray(ids)[:length] if 0 <= int(i) < vocabulary.vocab_size]
     return vocabulary.decode(ids)
-
-
-def _edit_row(ref: Sequence[str], hyp: Sequence[str]) -> np.ndarray:
-    """int[len(hyp) + 1]: word edit distance between `ref` and each prefix hyp[:k]."""
-    prev = np.arange(len(hyp) + 1)
-    for i, word in enumerate(ref, start=1):
-        cur = np.empty_like(prev)
-        cur[0] = i
-        for k in range(1, len(hyp) + 1):
-            cur[k] = min(prev[k] + 1, cur[k - 1] + 1, prev[k - 1] + (hyp[k - 1] != word))
-        prev = cur
-    return prev
-
-
-def split_at_reference(words: Sequence[str], prompt: Sequence[str], rest: Sequence[str]) -> int:
-    """The cut k of `words` at which words[:k] aligns with `prompt` and words[k:] with `rest`.
-
-    min_k ED(prompt, words[:k]) + ED(rest, words[k:]) equals the edit distance of the whole text
-    to prompt + rest, so this is the alignment of the whole text with the whole reference, cut at
-    the reference's boundary. Ties go to the earliest cut, so that words the model adds after
-    the prompt's (a verbose answer: "it is paris") count as its continuation.
-    """
-    head = _edit_row(prompt, words)  # ED(prompt, words[:k])
-    tail = _edit_row(rest[::-1], words[::-1])[::-1]  # ED(rest, words[k:])
-    return int(np.argmin(head + tail))  # argmin takes the first of equal minima
-
-
-def split_text(
-    text: str,
-    *,
-    prompt_text: str | None = None,
-    reference_rest: str | None = None,
-    prompt_seconds: float | None = None,
-    words_per_second: float = DEFAULT_WORDS_PER_SECOND,
-) -> tuple[str, str]:
-    """Cuts the model's text into (prompt transcript, continuation or answer).
-
-    With `prompt_text` (the prompt's words) the cut follows the word alignment (see
-    `split_at_reference`; `reference_rest` is the reference continuation where known). Without
-    it, the first round(prompt_seconds * words_per_second) words are called the transcript: an
-    estimate, since the model writes no separator.
-    """
-    from spectron_jax.evaluation.metrics import normalize_text
-
-    words = text.split()
-    if prompt_text is not None:
-        norm = [normalize_text(w) for w in words]
-        k = split_at_reference(norm, normalize_text(prompt_text).split(),
-                               normalize_text(reference_rest or "").split())
-    elif prompt_seconds is not None:
-        k = min(len(words), int(round(prompt_seconds * words_per_second)))
-    else:
-        raise ValueError("split_text needs prompt_text or prompt_seconds")
-    return " ".join(words[:k]), " ".join(words[k:])
-
-
-# ------------------------------------------------------------------------------------------------
-# Generation and vocoding.
-# ------------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -426,7 +239,7 @@ def generate(
     from spectron_jax import decoding
 
     batch = prompt_batch(
-        loaded.config, features, decode_config.max_frames, prompt_frames=prompt_frames
+        loaded.model, features, decode_config.max_frames, prompt_frames=prompt_frames
     )
     out = decoding.generate(loaded.model, loaded.params, batch, decode_config)
     out = jax.device_get(out)
@@ -467,44 +280,3 @@ def vocode(vocoder: Any, frames: np.ndarray) -> np.ndarray:
     if len(frames) == 0:
         return np.zeros(0, np.float32)
     return np.asarray(vocoder(jnp.asarray(frames)[None]))[0].astype(np.float32)
-
-
-def save_spectrogram_png(
-    path: str | os.PathLike,
-    prompt: np.ndarray,
-    continuation: np.ndarray,
-    title: str = "",
-    reference: np.ndarray | None = None,
-) -> None:
-    """Writes a PNG of the prompt and continuation log-mels (and a reference continuation).
-
-    Args:
-      path: output file.
-      prompt: float32[T_p, n_mels]; continuation / reference: float32[T, n_mels].
-      title: figure title.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [("prompt", prompt), ("generated continuation", continuation)]
-    if reference is not None:
-        panels.append(("reference continuation", reference))
-    # One colour scale for every panel, so that loudness is comparable between them.
-    values = np.concatenate([np.ravel(m) for _, m in panels] + [np.zeros(1)])
-    vmin, vmax = (np.percentile(values, [1, 99.5]) if values.size > 1 else (0.0, 1.0))
-    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.2 * len(panels)), squeeze=False)
-    for ax, (name, mel) in zip(axes[:, 0], panels, strict=True):
-        if len(mel):
-            ax.imshow(np.asarray(mel).T, origin="lower", aspect="auto", interpolation="nearest",
-                      vmin=vmin, vmax=vmax)
-        ax.set_title(name, fontsize=9)
-        ax.set_ylabel("mel bin")
-    axes[-1, 0].set_xlabel("frame")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)

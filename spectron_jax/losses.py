@@ -1,7 +1,7 @@
 """Spectron's training objective: one transcript cross-entropy plus the spectrogram terms.
 
 `L = w_ce * CE + w_s * L_s + w_f * L_f + w_t * L_t (+ w_stop * stop BCE) (+ z-loss)`, where every
-spectrogram term is L1 + L2 (paper, section "Training objective"; SPECTRON.md section 2):
+spectrogram term is L1 + L2 (the paper's "Training objective" section):
 
 - `L_s`: the predicted frames against the target frames;
 - `L_f`: first-order deltas along the mel (feature) axis, `x[t, m+1] - x[t, m]`;

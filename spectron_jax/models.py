@@ -3,6 +3,11 @@
 `get_initial_variables`, `loss_fn`, `score_batch` and `predict_batch_with_aux`
 (docs/CONTRACTS.md section 3), plus `trainable_mask`, which the trainer uses to keep a frozen
 encoder out of the optimizer (`optax.multi_transform` with `set_to_zero`: no update, no state).
+
+The model owns its contract with the data, as T5X models do (`FEATURE_CONVERTER_CLS`,
+`input_vocabulary` / `output_vocabulary`): its vocabulary, the special ids taken from it, and a
+feature converter built with those ids and the model's `reduction_factor`. The data pipeline,
+decoding, inference, evaluation and the checkpoint ask the model; nothing repeats them.
 """
 
 from __future__ import annotations
@@ -11,12 +16,13 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import gin
 import jax
 import jax.numpy as jnp
 
-import gin
-from spectron_jax import losses
+from spectron_jax import decoding, losses, vocabularies
 from spectron_jax.config import SpectronConfig
+from spectron_jax.interfaces import Vocabulary
 from spectron_jax.network import Spectron
 
 PyTree = Any
@@ -66,11 +72,82 @@ class SpectronModel:
     Attributes:
       config: the model config.
       module: the `Spectron` flax module.
+      vocabulary: the text vocabulary (input and output: one decoder writes all the text).
+      special_ids: BOS / EOS / PAD of the data contract, from the vocabulary unless given.
     """
 
-    def __init__(self, config: SpectronConfig):
+    def __init__(
+        self,
+        config: SpectronConfig,
+        vocabulary: Vocabulary | None = None,
+        *,
+        bos_id: int | None = None,
+        eos_id: int | None = None,
+    ):
+        """Args:
+
+        config: the model config.
+        vocabulary: its vocabulary; default the shipped tiny SentencePiece model.
+        bos_id, eos_id: override the vocabulary's (for tokenizers that define none).
+
+        Raises:
+          ValueError: the vocabulary defines no BOS/EOS and none is given.
+        """
         self.config = config
         self.module = Spectron(config)
+        if vocabulary is None:
+            vocabulary = vocabularies.vocabulary(light=True)
+        self.vocabulary = vocabulary
+        self.special_ids = vocabularies.special_ids(self.vocabulary, bos_id=bos_id, eos_id=eos_id)
+
+    def check_vocabulary_fits(self) -> None:
+        """Raises ValueError when the vocabulary has more ids than the decoder embeds (the data
+        pipeline and checkpoint loading call it; random test models need not fit the default)."""
+        if self.vocabulary.vocab_size > self.config.decoder.vocab_size:
+            raise ValueError(
+                f"vocabulary {vocabularies.describe(self.vocabulary)} has "
+                f"{self.vocabulary.vocab_size} ids but the decoder embeds only "
+                f"{self.config.decoder.vocab_size} (decoder_config.vocab_size): pass the "
+                "vocabulary the model was built for"
+            )
+
+    # -- the data contract -------------------------------------------------------------------
+
+    @property
+    def input_vocabulary(self) -> Vocabulary:
+        return self.vocabulary
+
+    @property
+    def output_vocabulary(self) -> Vocabulary:
+        return self.vocabulary
+
+    @property
+    def bos_id(self) -> int:
+        return self.special_ids.bos_id
+
+    @property
+    def eos_id(self) -> int:
+        return self.special_ids.eos_id
+
+    @property
+    def reduction_factor(self) -> int:
+        return self.config.reduction_factor
+
+    @property
+    def FEATURE_CONVERTER_CLS(self) -> type:  # noqa: N802 - T5X's name for it.
+        """The seqio feature converter class (imported here: it needs TensorFlow)."""
+        from spectron_jax.feature_converter import SpectronFeatureConverter
+
+        return SpectronFeatureConverter
+
+    def feature_converter(self, **kwargs) -> Any:
+        """`SpectronFeatureConverter` with this model's BOS / EOS ids and reduction factor."""
+        return self.FEATURE_CONVERTER_CLS(
+            bos_id=self.bos_id,
+            eos_id=self.eos_id,
+            reduction_factor=self.reduction_factor,
+            **kwargs,
+        )
 
     # -- init --------------------------------------------------------------------------------
 
@@ -156,12 +233,11 @@ class SpectronModel:
         """Text then speech generation with a KV cache (`spectron_jax.decoding`).
 
         `decode_options` are `decoding.DecodeConfig` fields (max_text_tokens, max_frames,
-        temperature, top_k, top_p, text_mode, bos_id, eos_id, ...). Returns
+        temperature, top_k, top_p, text_mode, ...); BOS / EOS are the model's. Returns
         ({text_tokens int32[B, L], frames float32[B, T, n_mels]}, {text_lengths, frame_lengths}).
         """
-        from spectron_jax import decoding  # decoding imports this module.
-
-        return decoding.predict_batch_with_aux(self, params, batch, rng, **decode_options)
+        options = {"bos_id": self.bos_id, "eos_id": self.eos_id, **decode_options}
+        return decoding.predict_batch_with_aux(self, params, batch, rng, **options)
 
     # -- optimizer partition -----------------------------------------------------------------
 
@@ -177,9 +253,15 @@ class SpectronModel:
 
 
 @gin.configurable(module="spectron")
-def spectron_model(config: SpectronConfig = gin.REQUIRED) -> SpectronModel:
-    """Gin entry point: `train.model = @spectron.spectron_model()` with `config = %MODEL_CONFIG`."""
-    return SpectronModel(config)
+def spectron_model(
+    config: SpectronConfig = gin.REQUIRED,
+    vocabulary: Vocabulary | None = None,
+    bos_id: int | None = None,
+    eos_id: int | None = None,
+) -> SpectronModel:
+    """Gin entry point: `MODEL = @spectron.spectron_model()` with `config = %MODEL_CONFIG` and
+    `vocabulary = @spectron.vocabulary()` (default: the shipped tiny SentencePiece model)."""
+    return SpectronModel(config, vocabulary, bos_id=bos_id, eos_id=eos_id)
 
 
 # ------------------------------------------------------------------------------------------------

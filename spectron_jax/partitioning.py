@@ -17,12 +17,11 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
+import gin
 import jax
 import numpy as np
 from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-import gin
 
 PyTree = Any
 

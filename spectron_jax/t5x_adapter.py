@@ -13,8 +13,10 @@ T5X is not on PyPI, so the project never depends on it. This module is split in 
 
 How T5X consumes it (t5x/train.py, train_state.py, partitioning.py):
   - `model.FEATURE_CONVERTER_CLS(pack=..., use_custom_packing_ops=...)` builds the converter,
-    so the instance binds `reduction_factor`, `bos_id`, `eos_id` with a partial. `pack` must
-    be False (fixed-slot layout): gin/t5x/spectron_tiny.gin sets `DatasetConfig.pack = False`.
+    so the instance binds the wrapped model's `reduction_factor`, `bos_id`, `eos_id` (which come
+    from its vocabulary). `pack` must be False (fixed-slot layout): gin/t5x/spectron_tiny.gin
+    sets `DatasetConfig.pack = False`.
+  - `input_vocabulary` / `output_vocabulary` are the wrapped model's vocabulary (a seqio one).
   - `get_initial_variables` returns `{"params": arrays, "params_axes": {..."<name>_axes":
     AxisMetadata(names)}}`; `FlaxOptimTrainState.create` checks that every parameter has axes and
     `PjitPartitioner.get_mesh_axes` maps them with `flax.linen.partitioning.logical_to_mesh_axes`.
@@ -43,6 +45,7 @@ import numpy as np
 import optax
 from flax.linen.partitioning import AxisMetadata
 
+from spectron_jax import vocabularies
 from spectron_jax.config import SpectronConfig
 from spectron_jax.feature_converter import SpectronFeatureConverter
 from spectron_jax.models import INPUT_TYPES, SpectronModel
@@ -239,13 +242,25 @@ def spectron_t5x_optimizer(
 
 
 def spectron_t5x_model(
-    config: SpectronConfig, optimizer_def: Any, bos_id: int = 3, eos_id: int = 1
+    config: SpectronConfig,
+    optimizer_def: Any,
+    vocabulary: Any = None,
+    bos_id: int | None = None,
+    eos_id: int | None = None,
 ):
     """Gin entry point (dynamic registration): `MODEL = @t5x_adapter.spectron_t5x_model()`.
 
     Needs t5x when called, not when the gin file is parsed.
+
+    Args:
+      config: the model config.
+      optimizer_def: a T5X optimizer (`spectron_t5x_optimizer`).
+      vocabulary: a seqio vocabulary (`spectron.vocabulary()`); default the shipped tiny one.
+      bos_id, eos_id: override the vocabulary's special ids.
     """
-    return _adapter_class()(config, optimizer_def, bos_id=bos_id, eos_id=eos_id)
+    vocabulary = vocabulary if vocabulary is not None else vocabularies.default_vocabulary()
+    model = SpectronModel(config, vocabulary, bos_id=bos_id, eos_id=eos_id)
+    return _adapter_class()(model, optimizer_def)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -262,25 +277,20 @@ def _adapter_class() -> type:
         """`SpectronModel` behind T5X's `BaseModel` interface.
 
         Attributes:
-          spectron: the wrapped `SpectronModel` (its methods do the work).
+          spectron: the wrapped `SpectronModel` (its methods do the work; it owns the
+            vocabulary, the special ids and the reduction factor).
           module: the flax `Spectron` module.
-          FEATURE_CONVERTER_CLS: `SpectronFeatureConverter` with the model's reduction factor
-            and BOS/EOS ids bound (T5X calls it with `pack=` and `use_custom_packing_ops=`).
+          FEATURE_CONVERTER_CLS: the wrapped model's converter (T5X calls it with `pack=` and
+            `use_custom_packing_ops=`).
         """
 
         FEATURE_CONVERTER_CLS = SpectronFeatureConverter
 
-        def __init__(self, config: SpectronConfig, optimizer_def: Any, *, bos_id=3, eos_id=1):
+        def __init__(self, spectron: SpectronModel, optimizer_def: Any):
             super().__init__(optimizer_def=optimizer_def)
-            self.config = config
-            self.spectron = SpectronModel(config)
-            self.module = self.spectron.module
-            converter = functools.partial(
-                SpectronFeatureConverter,
-                reduction_factor=config.reduction_factor,
-                bos_id=bos_id,
-                eos_id=eos_id,
-            )
+            self.spectron = spectron
+            self.config = spectron.config
+            self.module = spectron.module
 
             def feature_converter_cls(*, pack=False, use_custom_packing_ops=False, **kw):
                 del use_custom_packing_ops  # nothing to pack
@@ -289,9 +299,17 @@ def _adapter_class() -> type:
                         "Spectron's fixed-slot batches cannot be packed: set "
                         "train/utils.DatasetConfig.pack = False (and train_eval/...)"
                     )
-                return converter(pack=False, **kw)
+                return spectron.feature_converter(pack=False, **kw)
 
             self.FEATURE_CONVERTER_CLS = feature_converter_cls
+
+        @property
+        def input_vocabulary(self):
+            return self.spectron.vocabulary
+
+        @property
+        def output_vocabulary(self):
+            return self.spectron.vocabulary
 
         def get_initial_variables(self, rng, input_shapes, input_types=None):
             """`{"params", "params_axes"}` from the batch shapes T5X reads off the dataset."""

@@ -20,18 +20,21 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import gin
 import jax
 import numpy as np
 from absl import app, flags
 from etils import epath
 from jax.experimental import multihost_utils
 
-import gin
-from spectron_jax import checkpoints, metrics, partitioning
+from spectron_jax import checkpoints, data, partitioning, summaries
 from spectron_jax import trainer as trainer_lib
+from spectron_jax.data import DatasetFn
+from spectron_jax.evaluation.loss import mean_eval_metrics
+from spectron_jax.interfaces import EvalContext, Evaluator
 
 if __name__ == "__main__":
     # `python -m spectron_jax.train` runs this file as `__main__`, while gin files
@@ -43,10 +46,6 @@ if __name__ == "__main__":
     sys.exit(0)
 
 logger = logging.getLogger(__name__)
-
-# (shard_index, num_shards, seed, skip_batches) -> iterator of this process's batches. It must
-# be deterministic for a given seed, so that skipping `skip_batches` resumes exactly.
-DatasetFn = Callable[[int, int, int, int], Iterable[Mapping[str, Any]]]
 
 
 @dataclasses.dataclass
@@ -83,68 +82,11 @@ def initialize_distributed(
     )
 
 
-@gin.configurable
-def seqio_dataset_fn(
-    mixture_or_task_name: str,
-    task_feature_lengths: Mapping[str, int],
-    batch_size: int,
-    split: str = "train",
-    shuffle: bool = True,
-    repeat: bool = True,
-) -> DatasetFn:
-    """A `DatasetFn` over a seqio task through `SpectronFeatureConverter`.
-
-    Args:
-      mixture_or_task_name: registered task (import `spectron_tasks` to register).
-      task_feature_lengths: seqio feature lengths.
-      batch_size: GLOBAL batch size; each process reads batch_size / process_count.
-      split: split name.
-      shuffle: shuffle (deterministically, by the seed).
-      repeat: repeat forever (training).
-
-    Returns:
-      The dataset function; each process reads its own shard (seqio ShardInfo).
-    """
-
-    def make(shard_index: int, num_shards: int, seed: int, skip: int) -> Iterator[dict]:
-        import seqio
-
-        import spectron_tasks  # noqa: F401 - registers the tasks
-        from spectron_jax.feature_converter import SpectronFeatureConverter
-
-        if batch_size % num_shards:
-            raise ValueError(f"batch_size {batch_size} not divisible by {num_shards} processes")
-        ds = seqio.get_dataset(
-            mixture_or_task_name,
-            task_feature_lengths=dict(task_feature_lengths),
-            dataset_split=split,
-            shuffle=shuffle,
-            num_epochs=None if repeat else 1,
-            shard_info=seqio.ShardInfo(index=shard_index, num_shards=num_shards),
-            feature_converter=SpectronFeatureConverter(),
-            seed=seed,
-        )
-        ds = ds.batch(batch_size // num_shards, drop_remainder=True).skip(skip)
-        return ds.as_numpy_iterator()
-
-    return make
-
-
 def _model_config_dict(model: Any) -> dict[str, Any]:
     config = getattr(model, "config", None)
     if config is None or not dataclasses.is_dataclass(config):
         return {"model": type(model).__name__}
     return json.loads(json.dumps(dataclasses.asdict(config), default=str))
-
-
-def _numeric(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Drops string features (ids, texts): only arrays go to the device."""
-    out = {}
-    for k, v in batch.items():
-        v = np.asarray(v)
-        if v.dtype.kind in "biuf":
-            out[k] = v
-    return out
 
 
 class _Preemption:
@@ -190,15 +132,11 @@ def train(
     checkpoint_config: checkpoints.CheckpointConfig | None = None,
     init_checkpoint: str | None = None,
     init_subtrees: Sequence[str] | Mapping[str, str] | None = None,
-    eval_dataset_fn: DatasetFn | None = None,
-    eval_every: int = 0,
-    eval_batches: int = 10,
+    evaluators: Sequence[Evaluator] = (),
     log_every: int = 10,
     seed: int = 0,
     batch_callback: Callable[[int, Mapping[str, Any]], None] | None = None,
     clock: Callable[[], float] | None = None,
-    final_eval_fn: Callable[..., Mapping[str, float]] | None = None,
-    sample_fn: Callable[..., Mapping[str, float]] | None = None,
 ) -> TrainResult:
     """Trains `model` to `num_steps`, resuming from `model_dir` if it holds checkpoints.
 
@@ -213,51 +151,107 @@ def train(
       checkpoint_config: save / keep policy; a final checkpoint is always written.
       init_checkpoint: converted / pretrained weights for a fresh run (see `load_subtrees`).
       init_subtrees: params subtrees to take from `init_checkpoint`; None = all params.
-      eval_dataset_fn: validation batches; evaluated every `eval_every` steps and at the end.
-      eval_every: steps between evaluations (`eval_dataset_fn` and `sample_fn`); 0 = only at
-        the end.
-      eval_batches: batches per evaluation.
+      evaluators: `interfaces.Evaluator`s (e.g. `evaluation.loss.LossEvaluator`), run every
+        `evaluator.every` steps and after the last one (not after a preemption); figures go
+        to TensorBoard under `evaluator.name/`.
       log_every: steps between metric writes.
       seed: seeds parameter init, dropout and the data order.
       batch_callback: called with (step, host batch) for every batch trained on (tests).
       clock: seconds for the time-based checkpoint policy (tests); default monotonic.
-      final_eval_fn: run once after the last step (not after a preemption) as
-        `final_eval_fn(model=, params=, model_dir=, step=, train_dataset_fn=, seed=, writer=)`;
-        its figures go to TensorBoard under `final/` (e.g. `evaluation.counting`).
-      sample_fn: generated speech for TensorBoard, run with the evaluation (every `eval_every`
-        steps and at the end) as `sample_fn(model=, params=, model_dir=, step=, writer=)`; its
-        figures go under `samples/` (e.g. `evaluation.samples.speech_samples`).
 
     Returns:
       The final state and metrics.
 
     Raises:
-      trainer_lib.NonFiniteLossError: the loss became NaN/Inf (names the step and the last
-        good checkpoint; the bad step was not applied and nothing after it was saved).
+      trainer_lib.NonFiniteLossError: the loss became NaN/Inf (see `_Run.train_step`).
     """
     model_dir_path = epath.Path(model_dir)
     model_dir_path.mkdir(parents=True, exist_ok=True)
     mesh = mesh or partitioning.create_mesh()
     trainer = trainer_lib.Trainer(model, mesh, optimizer, grad_accum_steps=grad_accum_steps)
-    ckpt_kwargs = {"clock": clock} if clock else {}
     ckpt = checkpoints.Checkpointer(
-        model_dir_path / "checkpoints", checkpoint_config, **ckpt_kwargs
+        model_dir_path / "checkpoints",
+        checkpoint_config,
+        vocabulary=getattr(model, "vocabulary", None),
+        **({"clock": clock} if clock else {}),
     )
-    model_config = _model_config_dict(model)
-    shard, num_shards = jax.process_index(), jax.process_count()
     if jax.process_index() == 0:
         (model_dir_path / "config.gin").write_text(gin.config_str())
+    init_rng, dropout_rng = jax.random.split(jax.random.key(seed))
+    start = _start(trainer, ckpt, dataset_fn, mesh, seed, init_rng, init_checkpoint, init_subtrees)
+    logger.info("train: %s; at step %d of %d", start.source, start.step, num_steps)
+    # Compile once (AOT); XLA's FLOP count of the step feeds MFU.
+    flops = summaries.compiled_flops(trainer.compile_train_step(start.first_batch, dropout_rng))
+    writer = summaries.MetricsLogger(str(model_dir_path / "tensorboard"), num_steps, flops)
+    run = _Run(model, trainer, ckpt, writer, str(model_dir_path), dataset_fn, start.state)
+    run.step, run.consumed, run.seed = start.step, start.consumed, start.seed
+    preemption = _Preemption()
+    last: dict[str, float] = {}
+    try:
+        run.writer.start(run.step)
+        while run.step < num_steps:
+            host_batch = next(start.batches)
+            if batch_callback is not None:
+                batch_callback(run.step, host_batch)
+            step_metrics = run.train_step(host_batch, dropout_rng)
+            if run.step % log_every == 0 or run.step == num_steps:
+                last = trainer_lib.metrics_to_host(step_metrics)
+                run.writer.log_train(run.step, last)
+            run.save()
+            if run.evaluate([e for e in evaluators if _due(e, run.step)]):
+                run.writer.start(run.step)  # Evaluation time is not training time (steps/s).
+            if run.step == 1 and jax.process_index() == 0:
+                (model_dir_path / "config.gin").write_text(gin.operative_config_str())
+            if preemption.should_stop(run.step):
+                logger.warning("train: preempted at step %d; saving and exiting", run.step)
+                break
+        run.save(force=True)
+        if run.step >= num_steps:  # Not after a preemption: the restarted run will get there.
+            run.evaluate([e for e in evaluators if not _due(e, run.step)])  # Not run twice.
+    finally:
+        preemption.restore()
+        ckpt.close()
+        run.writer.close()
+    return TrainResult(run.state, run.step, last, start.source, str(ckpt.directory))
 
-    # ---- abstract state, then resume -> init checkpoint -> scratch -----------------------------
+
+def _due(evaluator: Evaluator, step: int) -> bool:
+    """Whether a periodic evaluator runs after `step`."""
+    return bool(evaluator.every) and step % evaluator.every == 0
+
+
+@dataclasses.dataclass
+class _Start:
+    """Where a run starts: its state, batches and data position (resumed or fresh)."""
+
+    state: trainer_lib.TrainState
+    batches: Iterator[Mapping[str, Any]]
+    first_batch: Any  # The global first batch (shapes for setup and compile).
+    step: int
+    consumed: int
+    seed: int
+    source: str
+
+
+def _start(
+    trainer: trainer_lib.Trainer,
+    ckpt: checkpoints.Checkpointer,
+    dataset_fn: DatasetFn,
+    mesh: jax.sharding.Mesh,
+    seed: int,
+    init_rng: jax.Array,
+    init_checkpoint: str | None,
+    init_subtrees: Sequence[str] | Mapping[str, str] | None,
+) -> _Start:
+    """Abstract state from the first batch, then resume -> init checkpoint -> scratch; the batch
+    iterator continues exactly after the batches a resumed run already consumed."""
+    shard, num_shards = jax.process_index(), jax.process_count()
     it = iter(dataset_fn(shard, num_shards, seed, 0))
-    first = _numeric(next(it))
+    first = data.numeric(next(it))
     global_first = partitioning.host_local_batch_to_global(first, mesh)
-    abstract_state = trainer.setup(global_first)
-    rng = jax.random.key(seed)
-    init_rng, dropout_rng = jax.random.split(rng)
     state, data_pos, source = checkpoints.resume_or_init(
         ckpt,
-        abstract_state,
+        trainer.setup(global_first),
         lambda: trainer.init_state(init_rng),
         init_checkpoint=init_checkpoint,
         init_subtrees=init_subtrees,
@@ -275,116 +269,63 @@ def train(
     else:
         it = itertools.chain([first], it)
     step = int(jax.device_get(state.step))
-    logger.info(
-        "train: %s; at step %d of %d; %d batches already consumed",
-        source,
-        step,
-        num_steps,
-        consumed,
-    )
+    return _Start(state, it, global_first, step, consumed, seed, source)
 
-    # ---- compile once (AOT); XLA's FLOP count of the step feeds MFU -----------------
-    flops = metrics.compiled_flops(trainer.compile_train_step(global_first, dropout_rng))
-    writer = metrics.MetricsLogger(str(model_dir_path / "tensorboard"), num_steps, flops)
-    preemption = _Preemption()
-    last: dict[str, float] = {}
 
-    def data_state() -> dict[str, Any]:
-        return {"batches_consumed": consumed, "seed": seed}
+@dataclasses.dataclass
+class _Run:
+    """The moving parts of a training run, and the three things the loop does with them."""
 
-    def run_evaluations() -> None:
-        if eval_dataset_fn is not None:
-            writer.log_eval(
-                step, evaluate(trainer, state, eval_dataset_fn, eval_batches, seed, mesh)
+    model: Any
+    trainer: trainer_lib.Trainer
+    ckpt: checkpoints.Checkpointer
+    writer: summaries.MetricsLogger
+    model_dir: str
+    dataset_fn: DatasetFn
+    state: trainer_lib.TrainState
+    step: int = 0
+    consumed: int = 0  # Batches trained on, the data position a checkpoint records.
+    seed: int = 0
+
+    def train_step(self, host_batch: Mapping[str, Any], dropout_rng: jax.Array) -> dict:
+        """One optimizer step on a host batch; a non-finite loss stops the run, naming the step
+        and the last good checkpoint (the bad step is not applied, nothing after it saved)."""
+        numeric = data.numeric(host_batch)
+        self.writer.count_batch(numeric)
+        batch = partitioning.host_local_batch_to_global(numeric, self.trainer.mesh)
+        state, step_metrics = self.trainer.train_step(self.state, batch, dropout_rng)
+        if not bool(jax.device_get(step_metrics["finite"])):
+            self.ckpt.wait()
+            good = self.ckpt.latest_good_step()
+            where = f"{self.ckpt.directory}/{good}" if good is not None else "none (no checkpoint)"
+            raise trainer_lib.NonFiniteLossError(
+                f"non-finite loss or gradient at step {self.step + 1} (loss "
+                f"{float(jax.device_get(step_metrics['loss']))}); the step was not applied. "
+                f"Last good checkpoint: {where}"
             )
-        if sample_fn is not None:
-            figures = sample_fn(
-                model=model,
-                params=state.params,
-                model_dir=str(model_dir_path),
-                step=step,
-                writer=writer,
-            )
-            writer.log_eval(step, figures, prefix="samples")
+        self.state, self.step, self.consumed = state, self.step + 1, self.consumed + 1
+        return step_metrics
 
-    try:
-        writer.start(step)
-        while step < num_steps:
-            host_batch = next(it)
-            if batch_callback is not None:
-                batch_callback(step, host_batch)
-            numeric = _numeric(host_batch)
-            writer.count_batch(numeric)
-            batch = partitioning.host_local_batch_to_global(numeric, mesh)
-            state, step_metrics = trainer.train_step(state, batch, dropout_rng)
-            consumed += 1
-            if not bool(jax.device_get(step_metrics["finite"])):
-                ckpt.wait()
-                good = ckpt.latest_good_step()
-                where = f"{ckpt.directory}/{good}" if good is not None else "none (no checkpoint)"
-                raise trainer_lib.NonFiniteLossError(
-                    f"non-finite loss or gradient at step {step + 1} (loss "
-                    f"{float(jax.device_get(step_metrics['loss']))}); the step was not applied. "
-                    f"Last good checkpoint: {where}"
-                )
-            step += 1
-            if step % log_every == 0 or step == num_steps:
-                last = trainer_lib.metrics_to_host(step_metrics)
-                writer.log_train(step, last)
-            ckpt.save(step, state, data_state(), model_config)
-            if eval_every and step % eval_every == 0:
-                run_evaluations()
-                writer.start(step)  # evaluation time is not training time (steps/s, ETA)
-            if step == 1 and jax.process_index() == 0:
-                (model_dir_path / "config.gin").write_text(gin.operative_config_str())
-            if preemption.should_stop(step):
-                logger.warning("train: preempted at step %d; saving and exiting", step)
-                break
-        ckpt.save(step, state, data_state(), model_config, force=True)
-        if not (eval_every and step % eval_every == 0):
-            run_evaluations()
-        if final_eval_fn is not None and step >= num_steps:
-            figures = final_eval_fn(
-                model=model,
-                params=state.params,
-                model_dir=str(model_dir_path),
-                step=step,
-                train_dataset_fn=dataset_fn,
-                seed=seed,
-                writer=writer,
-            )
-            writer.log_eval(step, figures, prefix="final")
-    finally:
-        preemption.restore()
-        ckpt.close()
-        writer.close()
-    return TrainResult(
-        state=state,
-        step=step,
-        last_metrics=last,
-        init_source=source,
-        checkpoint_dir=str(ckpt.directory),
-    )
+    def save(self, force: bool = False) -> None:
+        position = {"batches_consumed": self.consumed, "seed": self.seed}
+        self.ckpt.save(self.step, self.state, position, _model_config_dict(self.model), force)
 
-
-def evaluate(
-    trainer: trainer_lib.Trainer,
-    state: trainer_lib.TrainState,
-    dataset_fn: DatasetFn,
-    num_batches: int,
-    seed: int,
-    mesh: jax.sharding.Mesh,
-) -> dict[str, float]:
-    """Mean eval-step metrics over the first `num_batches` batches of `dataset_fn`."""
-    totals: dict[str, float] = {}
-    n = 0
-    data = dataset_fn(jax.process_index(), jax.process_count(), seed, 0)
-    for host_batch in itertools.islice(data, num_batches):
-        batch = partitioning.host_local_batch_to_global(_numeric(host_batch), mesh)
-        for k, v in trainer_lib.metrics_to_host(trainer.eval_step(state.params, batch)).items():
-            totals[k] = totals.get(k, 0.0) + v
-        n += 1
-    return {k: v / max(n, 1) for k, v in totals.items()}
+    def evaluate(self, evaluators: Sequence[Evaluator]) -> bool:
+        """Runs `evaluators` on the current parameters; True if any ran."""
+        context = EvalContext(
+            model=self.model,
+            params=self.state.params,
+            step=self.step,
+            model_dir=self.model_dir,
+            writer=self.writer,
+            trainer=self.trainer,
+            mesh=self.trainer.mesh,
+            train_dataset_fn=self.dataset_fn,
+            seed=self.seed,
+        )
+        for evaluator in evaluators:
+            self.writer.log_eval(self.step, evaluator.run(context), prefix=evaluator.name)
+        return bool(evaluators)
 
 
 @gin.configurable
@@ -407,7 +348,7 @@ def evaluate_checkpoint(
     """
     mesh = mesh or partitioning.create_mesh()
     trainer = trainer_lib.Trainer(model, mesh)
-    first = _numeric(next(iter(dataset_fn(jax.process_index(), jax.process_count(), seed, 0))))
+    first = data.numeric(next(iter(dataset_fn(jax.process_index(), jax.process_count(), seed, 0))))
     abstract = trainer.setup(partitioning.host_local_batch_to_global(first, mesh))
     ckpt = checkpoints.Checkpointer(epath.Path(model_dir) / "checkpoints")
     try:
@@ -416,8 +357,8 @@ def evaluate_checkpoint(
         ckpt.close()
     if restored is None:
         raise FileNotFoundError(f"no readable checkpoint in {model_dir}/checkpoints")
-    result = evaluate(trainer, restored.state, dataset_fn, num_batches, seed, mesh)
-    writer = metrics.MetricsLogger(
+    result = mean_eval_metrics(trainer, restored.state.params, dataset_fn, num_batches, seed, mesh)
+    writer = summaries.MetricsLogger(
         str(epath.Path(model_dir) / "tensorboard_eval"), restored.step, peak_flops=float("nan")
     )
     writer.log_eval(restored.step, result)

@@ -18,13 +18,13 @@ from typing import Any
 
 import flax
 import flax.linen as nn
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh
 
-import gin
 from spectron_jax import partitioning
 
 PyTree = Any

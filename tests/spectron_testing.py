@@ -18,6 +18,30 @@ from spectron_jax.nn.conformer import ConformerConfig
 from spectron_jax.nn.decoder import DecoderConfig
 
 
+class WordVocabulary:
+    """A tokenizer-free vocabulary of made-up words "w<i>" for the tiny test models, whose
+    decoders embed fewer ids than any real tokenizer has (the tiny SentencePiece model: 1000).
+
+    Special ids as in the shipped tiny vocabulary: pad 0, eos 1, bos 3.
+    """
+
+    bos_id, eos_id, pad_id = 3, 1, 0
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def encode(self, s: str) -> list[int]:
+        return [int(w[1:]) for w in s.split()]
+
+    def decode(self, ids) -> str:
+        return " ".join(f"w{int(i)}" for i in ids)
+
+
+def tiny_model(config: SpectronConfig) -> SpectronModel:
+    """`SpectronModel(config)` with a `WordVocabulary` that fits its decoder's embedding."""
+    return SpectronModel(config, WordVocabulary(config.decoder.vocab_size))
+
+
 def tiny_config(**overrides) -> SpectronConfig:
     """A few-thousand-parameter Spectron with every feature on (GQA, relative-key encoder)."""
     n_mels = overrides.pop("n_mels", 8)
@@ -112,7 +136,7 @@ def init_params(config: SpectronConfig, batch: dict[str, np.ndarray], seed: int 
     checked abstractly in test_models.
     """
     shapes = {k: tuple(v.shape) for k, v in batch.items()}
-    model = SpectronModel(config)
+    model = tiny_model(config)
     abstract = jax.eval_shape(
         lambda r: nn.unbox(model.get_initial_variables(r, shapes)["params"]),
         jax.random.PRNGKey(seed),
@@ -151,7 +175,7 @@ def apply(config, params, batch, *, deterministic=True, seed=0):
 @functools.cache
 def jitted_value_and_grad(config: SpectronConfig):
     """jit(params, batch, rng) -> ((loss, metrics), grads) of `SpectronModel(config).loss_fn`."""
-    return jax.jit(jax.value_and_grad(SpectronModel(config).loss_fn, has_aux=True))
+    return jax.jit(jax.value_and_grad(tiny_model(config).loss_fn, has_aux=True))
 
 
 def variant_config() -> SpectronConfig:
@@ -162,4 +186,4 @@ def variant_config() -> SpectronConfig:
 @functools.cache
 def jitted_loss(config: SpectronConfig):
     """jit(params, batch, rng | None) -> (loss, metrics) of `SpectronModel(config).loss_fn`."""
-    return jax.jit(SpectronModel(config).loss_fn)
+    return jax.jit(tiny_model(config).loss_fn)

@@ -1,5 +1,5 @@
-"""The end-of-run counting figures (spectron_jax/evaluation/counting.py) on hand-made predictions
-with known answers, the pipeline on a random tiny model, and train()'s final-evaluation hook."""
+"""The end-of-run counting figures (tasks/counting_evaluation.py) on hand-made predictions with
+known answers, the pipeline on a random tiny model, and train() running it once at the end."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ import pytest
 import soundfile as sf
 import spectron_testing as st
 
-from spectron_jax.evaluation import counting
+import spectron_tasks.counting_evaluation as counting
+from spectron_jax import data
 from spectron_jax.evaluation import samples as samples_lib
-from spectron_jax.models import SpectronModel
+from spectron_jax.interfaces import EvalContext
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "trainer"))
 
@@ -172,7 +173,7 @@ def test_report_prints_figures_beside_targets():
 def tiny():
     config = st.tiny_config()
     batch = st.random_batch(config, batch_size=3, num_groups=4)
-    return SpectronModel(config), st.init_params(config, batch), batch
+    return st.tiny_model(config), st.init_params(config, batch), batch
 
 
 def test_evaluate_split_agrees_with_its_parts(tiny):
@@ -245,7 +246,7 @@ def test_write_samples_writes_playable_wavs_and_a_png(tiny, tmp_path):
             "generated_text": "one two four",
         }
     ]
-    media = counting.write_samples(samples, str(tmp_path), "validation", cfg, True)
+    media = samples_lib.write_samples(samples, str(tmp_path), "validation", cfg, True)
     for kind, frames in (("reference", 11), ("generated", 9)):
         wave, rate = sf.read(tmp_path / f"validation-0-{kind}.wav")
         assert rate == cfg.sample_rate
@@ -259,18 +260,27 @@ def test_write_samples_writes_playable_wavs_and_a_png(tiny, tmp_path):
 # -- train()'s hook -------------------------------------------------------------------------------
 
 
+class _AtTheEnd:
+    """An evaluator that, like `CountingEvaluator`, runs only after the last step."""
+
+    name, every = "final", 0
+
+    def __init__(self):
+        self.contexts = []
+
+    def run(self, context):
+        self.contexts.append(context)
+        return {"validation/exact_match": 0.5}
+
+
 @pytest.mark.slow  # Two train() runs: ~15 s of CPU, minutes under load.
-def test_train_calls_final_eval_once_at_the_end(tmp_path):
+def test_train_runs_the_final_evaluation_once_at_the_end(tmp_path):
     import tiny_model as tm
 
     from spectron_jax import partitioning, train
 
-    calls = []
-
-    def final_eval_fn(**kwargs):
-        calls.append(kwargs)
-        return {"validation/exact_match": 0.5}
-
+    evaluator = _AtTheEnd()
+    assert counting.CountingEvaluator("task", {}).every == 0  # The real one runs at the end too.
     mesh = partitioning.create_mesh(devices=jax.devices()[:1])
     result = train.train(
         tm.TinyModel(),
@@ -279,22 +289,14 @@ def test_train_calls_final_eval_once_at_the_end(tmp_path):
         3,
         mesh=mesh,
         log_every=1,
-        final_eval_fn=final_eval_fn,
+        evaluators=[evaluator],
     )
-    assert result.step == 3 and len(calls) == 1
-    call = calls[0]
-    assert call["step"] == 3 and call["model_dir"] == str(tmp_path) and call["seed"] == 0
-    assert set(call) == {
-        "model",
-        "params",
-        "model_dir",
-        "step",
-        "train_dataset_fn",
-        "seed",
-        "writer",
-    }
+    assert result.step == 3 and len(evaluator.contexts) == 1
+    context = evaluator.contexts[0]
+    assert context.step == 3 and context.model_dir == str(tmp_path) and context.seed == 0
+    assert context.train_dataset_fn is not None and context.writer is not None
     np.testing.assert_array_equal(
-        jax.tree.leaves(call["params"])[0], jax.tree.leaves(result.state.params)[0]
+        jax.tree.leaves(context.params)[0], jax.tree.leaves(result.state.params)[0]
     )
     # A finished run that is started again only re-runs the evaluation.
     train.train(
@@ -303,43 +305,53 @@ def test_train_calls_final_eval_once_at_the_end(tmp_path):
         str(tmp_path),
         3,
         mesh=mesh,
-        final_eval_fn=final_eval_fn,
+        evaluators=[evaluator],
     )
-    assert len(calls) == 2 and calls[1]["step"] == 3
+    assert len(evaluator.contexts) == 2 and evaluator.contexts[1].step == 3
 
 
-def test_counting_evaluation_writes_json_and_returns_flat_figures(tiny, tmp_path, monkeypatch):
+class _RecordingWriter:
+    def __init__(self):
+        self.images, self.audios = {}, {}
+
+    def write_images(self, step, images):
+        self.images.update({(step, k): v for k, v in images.items()})
+
+    def write_audios(self, step, audios, *, sample_rate):
+        self.audios.update({(step, k): v for k, v in audios.items()})
+
+
+def test_counting_evaluator_writes_json_and_returns_flat_figures(tiny, tmp_path, monkeypatch):
     model, params, batch = tiny
-    monkeypatch.setattr(counting, "task_vocabulary", lambda name: _FakeVocab())
 
-    def fake_seqio_dataset_fn(name, lengths, batch_size, split, shuffle, repeat):
+    def fake_seqio_dataset_fn(name, lengths, batch_size, *, model, split, shuffle, repeat):
         assert (name, shuffle, repeat) == ("task", False, False)
+        assert model is tiny[0]  # Batches laid out by the model's own feature converter.
         return lambda shard, num_shards, seed, skip: iter([batch])
 
-    import spectron_jax.train as train_lib
-
-    monkeypatch.setattr(train_lib, "seqio_dataset_fn", fake_seqio_dataset_fn)
-    flat = counting.counting_evaluation(
+    monkeypatch.setattr(data, "seqio_dataset_fn", fake_seqio_dataset_fn)
+    evaluator = counting.CountingEvaluator("task", {}, num_samples=1)
+    assert (evaluator.name, evaluator.every) == ("final", 0)
+    writer = _RecordingWriter()
+    context = EvalContext(
         model=model,
         params=params,
-        model_dir=str(tmp_path),
         step=7,
+        model_dir=str(tmp_path),
+        writer=writer,
         train_dataset_fn=lambda *a: iter([batch, batch]),
-        mixture_or_task_name="task",
-        task_feature_lengths={},
-        num_samples=1,
     )
+    flat = evaluator.run(context)
     saved = json.loads((tmp_path / "final_eval.json").read_text())
     assert saved["step"] == 7 and set(saved["figures"]) == set(counting.DEFAULT_SPLITS)
     for split in counting.DEFAULT_SPLITS:
         assert flat[f"{split}/num_examples"] == 3
         assert (tmp_path / "samples" / f"{split}-0-generated.wav").exists()
+        assert (7, f"final/{split}/spectrograms") in writer.images
+        assert (7, f"final/{split}/generated") in writer.audios
     assert saved["targets"]["first_word"] == 0.98
-
-
-class _FakeVocab:
-    def decode(self, ids):
-        return " ".join(f"w{i}" for i in ids)
+    with pytest.raises(ValueError, match="train_dataset_fn"):
+        evaluator.run(EvalContext(model=model, params=params, step=7, model_dir=str(tmp_path)))
 
 
 # -- the experiment files ------------------------------------------------------------------------
@@ -349,6 +361,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def _parse_experiment(name, bindings=()):
     import gin
+
     from spectron_jax import train
 
     gin.clear_config()
@@ -360,7 +373,9 @@ def test_tiny_gin_runs_the_counting_evaluation_at_the_end():
 
     try:
         _parse_experiment("spectron_tiny.gin")
-        assert gin.query_parameter("train.final_eval_fn").selector.endswith("counting_evaluation")
+        evaluators = [e.selector.split(".")[-1] for e in gin.query_parameter("train.evaluators")]
+        # Speech samples periodically, the counting figures at the end, no loss evaluation.
+        assert evaluators == ["SpeechSamples", "CountingEvaluator"]
         assert gin.query_parameter("%MIXTURE_OR_TASK_NAME") == "spectron_synthetic_counting"
         lengths = gin.query_parameter("%TASK_FEATURE_LENGTHS")
         config = gin.query_parameter("spectron.spectron_model.config").scoped_configurable_fn()
@@ -375,9 +390,9 @@ def test_base_gin_builds_abstractly():
     """The paper-scale experiment: parses (every required macro set) and its train state builds
     abstractly (eval_shape, shardings on the gin mesh over 8 fake devices); nothing allocated."""
     import gin
+
     from spectron_jax import models, partitioning
     from spectron_jax import trainer as trainer_lib
-    from spectron_jax.feature_converter import SpectronFeatureConverter
 
     try:
         _parse_experiment(
@@ -394,9 +409,7 @@ def test_base_gin_builds_abstractly():
     assert config.encoder_frozen and config.dtype == "bfloat16"
     assert config.decoder.remat == "full"
     assert dict(mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
-    model_lengths = SpectronFeatureConverter(
-        reduction_factor=config.reduction_factor
-    ).get_model_feature_lengths(lengths)
+    model_lengths = model.feature_converter().get_model_feature_lengths(lengths)
     shapes = models.example_input_shapes(
         config,
         batch_size=batch_size,

@@ -7,7 +7,9 @@ sequence exactly. Compiles are shared through module fixtures (each one costs se
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +23,7 @@ from spectron_jax.models import SpectronModel
 
 MAX_TEXT = 10
 MAX_FRAMES = 8  # 4 groups of r = 2.
-BOS = 3
+BOS = st.WordVocabulary.bos_id  # The test models' (3); decoding takes it from the model.
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +32,14 @@ def setup():
     batch = st.random_batch(config, batch_size=3)
     # Prompts of 16, 11 and 6 frames: different prefix lengths P in one batch.
     params = st.init_params(config, batch)
-    return SpectronModel(config), params, batch
+    model = st.tiny_model(config)
+    assert model.bos_id == BOS
+    return model, params, batch
 
 
 def _greedy(**kw) -> DecodeConfig:
-    return DecodeConfig(max_text_tokens=MAX_TEXT, max_frames=MAX_FRAMES, bos_id=BOS, **kw)
+    """Greedy options of these tests; BOS (and EOS unless given) are the model's."""
+    return DecodeConfig(max_text_tokens=MAX_TEXT, max_frames=MAX_FRAMES, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +246,7 @@ def test_bad_options_and_inputs_are_errors(setup):
             {k: batch[k] for k in ("encoder_features", "encoder_mask")},
             DecodeConfig(text_mode="forced"),
         )
-    no_stop = SpectronModel(dataclasses.replace(model.config, stop_head=False))
+    no_stop = st.tiny_model(dataclasses.replace(model.config, stop_head=False))
     with pytest.raises(ValueError, match="stop_head"):
         decoding.generate(no_stop, params, batch, DecodeConfig(use_stop_logit=True))
 
@@ -255,10 +260,100 @@ def test_predict_batch_with_aux(setup, eos_run):
         batch,
         max_text_tokens=MAX_TEXT,
         max_frames=MAX_FRAMES,
-        bos_id=BOS,
         eos_id=eos,
     )
     np.testing.assert_array_equal(outputs["text_tokens"], out["text_tokens"])
     np.testing.assert_allclose(outputs["frames"], out["frames"], atol=1e-6, rtol=0)
     np.testing.assert_array_equal(aux["text_lengths"], out["text_lengths"])
     np.testing.assert_array_equal(aux["frame_lengths"], out["frame_lengths"])
+
+
+def test_decoding_uses_the_models_special_ids(setup, eos_run):
+    """BOS / EOS default to the model's; an explicit DecodeConfig value overrides them."""
+    model, params, batch = setup
+    eos, _, out = eos_run
+    vocab = st.WordVocabulary(model.config.decoder.vocab_size)
+
+    def run(m, **kw):
+        # Same static options as eos_run (the ids are traced): no recompile.
+        return jax.device_get(decoding.generate(m, params, batch, _greedy(**kw)))
+
+    bos2 = SpectronModel(model.config, vocab, bos_id=2, eos_id=eos)
+    assert (bos2.bos_id, bos2.eos_id) == (2, eos)
+    from_model = run(bos2)
+    # Another first token, another text: the model's BOS reached the prefill.
+    assert not np.array_equal(from_model["text_tokens"], out["text_tokens"])
+    explicit = run(model, bos_id=2, eos_id=eos)
+    own = run(bos2, bos_id=BOS)  # Overrides the model's 2.
+    for key in ("text_tokens", "text_lengths", "frames", "frame_lengths"):
+        np.testing.assert_array_equal(explicit[key], from_model[key])
+        np.testing.assert_array_equal(own[key], out[key])
+    # EOS too: `model.eos_id` ends the text when the config leaves it None.
+    eos_model = SpectronModel(model.config, vocab, eos_id=eos)
+    np.testing.assert_array_equal(run(eos_model)["text_tokens"], out["text_tokens"])
+
+
+def test_special_ids_are_traced_and_resolved_from_the_model(setup):
+    model, _, _ = setup
+    default = DecodeConfig()
+    assert default.bos_id is None and default.eos_id is None
+    # One compiled program whatever the ids.
+    assert DecodeConfig(bos_id=2, eos_id=5).static_key() == default.static_key()
+    resolved = default.with_model_ids(model)
+    assert (resolved.bos_id, resolved.eos_id) == (model.bos_id, model.eos_id)
+    assert DecodeConfig(bos_id=7).with_model_ids(model).bos_id == 7
+    with pytest.raises(ValueError, match="bos_id"):
+        default.with_model_ids(type("NoIds", (), {"eos_id": 1})())
+
+
+def test_decoding_does_not_import_models():
+    """decoding codes against `interfaces.Model`: models.py imports decoding, not the reverse."""
+    tree = ast.parse(pathlib.Path(decoding.__file__).read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            imported.add(node.module or "")
+            imported.update(f"{node.module}.{alias.name}" for alias in node.names)
+    assert "spectron_jax.interfaces.Model" in imported
+    assert not {"spectron_jax.models", "spectron_jax.models.SpectronModel"} & imported
+
+
+def test_loop_states_are_pytrees():
+    """The while_loop carries: every field a leaf (or subtree), so jax can loop over them."""
+    b, s, n = 2, 5, 3
+    cursor = decoding.CacheCursor(
+        cache={"decoder": {"k": jnp.zeros((b, s, 4))}},
+        index=jnp.asarray(1, jnp.int32),
+        key_valid=jnp.zeros((b, s), jnp.int32),
+        next_pos=jnp.zeros((b,), jnp.int32),
+    )
+    text = decoding.TextLoopState(
+        cursor=cursor,
+        tok=jnp.zeros((b,), jnp.int32),
+        done=jnp.zeros((b,), bool),
+        tokens=jnp.zeros((b, n), jnp.int32),
+        lengths=jnp.zeros((b,), jnp.int32),
+        k=jnp.asarray(1, jnp.int32),
+    )
+    frames = decoding.FrameLoopState(
+        cursor=cursor,
+        prev=jnp.zeros((b, 4)),
+        active=jnp.ones((b,), bool),
+        groups=jnp.zeros((b, n, 4)),
+        stop_probs=jnp.zeros((b, n)),
+        count=jnp.zeros((b,), jnp.int32),
+        j=jnp.asarray(0, jnp.int32),
+    )
+    for state, fields in ((text, 5), (frames, 6)):
+        assert len(jax.tree.leaves(state)) == 4 + fields
+        # A loop that bumps the cursor keeps the carry's type and structure.
+        bumped = jax.lax.fori_loop(
+            0,
+            3,
+            lambda _, c: c.replace(cursor=c.cursor.replace(index=c.cursor.index + 1)),
+            state,
+        )
+        assert type(bumped) is type(state)
+        assert int(bumped.cursor.index) == 4

@@ -134,7 +134,7 @@ def test_too_long_example_is_rejected_or_trimmed():
 
 def test_batching_gives_static_batch_shapes():
     examples = [_example(5, [10, 11], [12], 7, seed=s) for s in range(3)]
-    converter = SpectronFeatureConverter(bos_id=BOS, reduction_factor=2)
+    converter = SpectronFeatureConverter(bos_id=BOS, eos_id=EOS, reduction_factor=2)
     batch = next(converter(_dataset(examples), LENGTHS).batch(2).as_numpy_iterator())
     assert batch["encoder_features"].shape == (2, 6, 4)
     assert batch["decoder_input_tokens"].shape == (2, 8)
@@ -144,8 +144,10 @@ def test_batching_gives_static_batch_shapes():
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="pack"):
-        SpectronFeatureConverter(pack=True)
+        SpectronFeatureConverter(bos_id=BOS, eos_id=EOS, pack=True)
     with pytest.raises(ValueError, match="reduction_factor"):
-        SpectronFeatureConverter(reduction_factor=0)
+        SpectronFeatureConverter(bos_id=BOS, eos_id=EOS, reduction_factor=0)
     with pytest.raises(ValueError, match="task_feature_lengths"):
-        SpectronFeatureConverter()(_dataset([_example(5, [1], [2], 3)]), {"prompt_features": 5})
+        SpectronFeatureConverter(bos_id=BOS, eos_id=EOS)(
+            _dataset([_example(5, [1], [2], 3)]), {"prompt_features": 5}
+        )

@@ -3,9 +3,9 @@
 import functools
 import pathlib
 
+import gin
 import pytest
 
-import gin
 from spectron_jax import config as config_lib
 from spectron_jax import models
 from spectron_jax.nn import conformer, decoder

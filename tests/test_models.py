@@ -3,6 +3,7 @@
 import dataclasses
 
 import flax.linen as nn
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +17,6 @@ from spectron_testing import (
     tiny_config,
 )
 
-import gin
 from spectron_jax import config as config_lib
 from spectron_jax.models import INPUT_TYPES, SpectronModel, example_input_shapes
 
@@ -111,6 +111,8 @@ def test_predict_batch_with_aux_generates_text_then_frames(setup):
     assert np.all((np.asarray(aux["text_lengths"]) >= 0) & (np.asarray(aux["text_lengths"]) <= 5))
     with pytest.raises(TypeError):
         SpectronModel(config).predict_batch_with_aux(params, batch, not_an_option=1)
+
+
 def _train(config, batch, params, steps=8):
     mask = SpectronModel(config).trainable_mask(params)
     labels = jax.tree.map(lambda t: "trainable" if t else "frozen", mask)

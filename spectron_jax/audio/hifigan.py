@@ -166,15 +166,21 @@ class HifiGanGenerator(nn.Module):
             channels = cfg.upsample_initial_channel // 2 ** (i + 1)
             x = nn.leaky_relu(x, cfg.leaky_relu_slope)
             # [B, T, C] -> [B, T * rate, C / 2]
-            x = _ConvTranspose1d(channels, kernel, rate, (kernel - rate) // 2,
-                                 name=f"upsampler_{i}")(x)
+            x = _ConvTranspose1d(
+                channels, kernel, rate, (kernel - rate) // 2, name=f"upsampler_{i}"
+            )(x)
             # Multi-receptive-field fusion: the mean of the parallel residual blocks.
             total = 0.0
             for j, (size, dilations) in enumerate(
                 zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes, strict=True)
             ):
-                block = HifiGanResBlock(channels, size, dilations, cfg.leaky_relu_slope,
-                                        name=f"resblocks_{i * num_kernels + j}")
+                block = HifiGanResBlock(
+                    channels,
+                    size,
+                    dilations,
+                    cfg.leaky_relu_slope,
+                    name=f"resblocks_{i * num_kernels + j}",
+                )
                 total = total + block(x)
             x = total / num_kernels
         x = nn.leaky_relu(x, _FINAL_LEAKY_SLOPE)

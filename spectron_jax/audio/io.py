@@ -148,8 +148,13 @@ def write_wav(path: str | os.PathLike, waveform: np.ndarray, sample_rate: int) -
     # (The pid keeps two processes writing the same path apart; mkstemp would make it 0600.)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        sf.write(tmp, np.clip(np.nan_to_num(waveform), -1.0, 1.0), sample_rate,
-                 subtype="PCM_16", format="WAV")
+        sf.write(
+            tmp,
+            np.clip(np.nan_to_num(waveform), -1.0, 1.0),
+            sample_rate,
+            subtype="PCM_16",
+            format="WAV",
+        )
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

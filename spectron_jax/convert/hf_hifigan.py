@@ -1,4 +1,4 @@
-"""Load a `transformers` `SpeechT5HifiGan` folder (config.json + model.safetensors) into Flax.
+"""A `transformers` `SpeechT5HifiGan` folder (config.json + model.safetensors) <-> Flax params.
 
 The public checkpoint is `microsoft/speecht5_hifigan` (download it yourself, e.g. with
 `huggingface-cli download microsoft/speecht5_hifigan --local-dir DIR`; nothing here touches the
@@ -14,6 +14,15 @@ loaded with its own `spectrogram_config=`.
 Usage:
     vocoder = load_hf_hifigan("/models/speecht5_hifigan", expected=SpectrogramConfig())
     waveform = vocoder(log_mel)  # float32[B, frames, 80] -> float32[B, frames * 256]
+    save_hf_hifigan("/models/ours", vocoder.params, vocoder.config)  # SpeechT5HifiGan loads it
+
+Export writes plain `weight` tensors, the layout of a `SpeechT5HifiGan` on which
+`apply_weight_norm` was never called (as `microsoft/speecht5_hifigan` is stored), plus the `mean`
+/ `scale` normalisation buffers. Hence ours -> HF -> ours is bit-exact, and so is HF -> ours -> HF
+for a float32 checkpoint without weight norm. A checkpoint with weight-norm parametrisations comes
+back as plain weights: biases, `mean` and `scale` bit-exact, each kernel the fold g * v / ||v||
+(computed in float64, rounded once to float32), which can differ from torch's float32 fold in the
+last bit; the (g, v) split itself is not recoverable from the product.
 """
 
 from __future__ import annotations
@@ -23,11 +32,13 @@ import json
 import os
 import re
 
+import flax.linen as nn
 import jax
 import numpy as np
 
 from spectron_jax.audio.hifigan import HifiGanConfig, HifiGanGenerator, HifiGanVocoder
 from spectron_jax.audio.spectrogram import SpectrogramConfig, check_compatible
+from spectron_jax.convert import safetensors_io
 
 _CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(HifiGanConfig))
 
@@ -38,6 +49,13 @@ def hifigan_config_from_hf(hf_config: dict) -> HifiGanConfig:
     if model_type != "speecht5_hifigan":
         raise ValueError(f"expected a speecht5_hifigan config, got model_type={model_type!r}")
     return HifiGanConfig(**{k: hf_config[k] for k in _CONFIG_FIELDS if k in hf_config})
+
+
+def hifigan_config_to_hf(config: HifiGanConfig) -> dict:
+    """`HifiGanConfig` -> a `SpeechT5HifiGanConfig` dict; `hifigan_config_from_hf` inverts it."""
+    # Lists, not tuples: the dict then equals the config.json read back.
+    fields = json.loads(json.dumps({k: getattr(config, k) for k in _CONFIG_FIELDS}))
+    return dict(model_type="speecht5_hifigan", architectures=["SpeechT5HifiGan"], **fields)
 
 
 def spectrogram_config_for(config: HifiGanConfig) -> SpectrogramConfig:
@@ -94,16 +112,21 @@ def _hf_name(path: tuple[str, ...]) -> tuple[str, str]:
     return ".".join(parts) + "." + hf_leaf, kind if leaf == "kernel" else "vector"
 
 
+def _param_shapes(config: HifiGanConfig) -> dict:
+    """The params tree of `HifiGanGenerator(config)` as ShapeDtypeStructs (traced, no memory)."""
+    dummy = np.zeros((1, 4, config.model_in_dim), np.float32)
+    return jax.eval_shape(
+        lambda: HifiGanGenerator(config).init(jax.random.PRNGKey(0), dummy)["params"]
+    )
+
+
 def convert_state_dict(tensors: dict[str, np.ndarray], config: HifiGanConfig) -> dict:
     """HF `SpeechT5HifiGan` tensors (numpy) -> Flax params of `HifiGanGenerator(config)`.
 
     Raises ValueError naming missing, unexpected or mis-shaped tensors.
     """
     tensors = _fold_weight_norm(tensors)
-    dummy = np.zeros((1, 4, config.model_in_dim), np.float32)
-    shapes = jax.eval_shape(
-        lambda: HifiGanGenerator(config).init(jax.random.PRNGKey(0), dummy)["params"]
-    )
+    shapes = _param_shapes(config)
     used, problems = set(), []
 
     def convert(path, shape):
@@ -129,6 +152,61 @@ def convert_state_dict(tensors: dict[str, np.ndarray], config: HifiGanConfig) ->
     if problems:
         raise ValueError(f"HiFi-GAN checkpoint does not match {config}: " + "; ".join(problems))
     return params
+
+
+def params_to_hf(params: dict, config: HifiGanConfig) -> dict[str, np.ndarray]:
+    """Flax params of `HifiGanGenerator(config)` -> plain `SpeechT5HifiGan` tensors (numpy).
+
+    The inverse of `convert_state_dict` on a checkpoint without weight norm; dtypes are kept.
+    Conv1d kernels [taps, in, out] -> [out, in, taps], ConvTranspose1d [taps, in, out] ->
+    [in, out, taps]; `mean` / `scale` float32[model_in_dim] as they are.
+
+    Raises ValueError unless the tree has exactly the generator's paths and shapes.
+    """
+    params = nn.unbox(params)
+    want = {
+        jax.tree_util.keystr(k): v.shape
+        for k, v in jax.tree_util.tree_leaves_with_path(_param_shapes(config))
+    }
+    got = {
+        jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(params)
+    }
+    if want != got:
+        diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+        raise ValueError(
+            f"params do not match HifiGanGenerator({config}): "
+            + "; ".join(f"{k}: expected {want.get(k)}, got {got.get(k)}" for k in diff[:8])
+        )
+    out = {}
+    for path, value in jax.tree_util.tree_leaves_with_path(params):
+        name, kind = _hf_name(tuple(getattr(p, "key", str(p)) for p in path))
+        value = np.asarray(value)
+        if kind == "conv":
+            value = value.transpose(2, 1, 0)
+        elif kind == "convT":
+            value = value.transpose(1, 2, 0)
+        out[name] = np.ascontiguousarray(value)
+    return out
+
+
+def save_hf_hifigan(folder: str | os.PathLike, params: dict, config: HifiGanConfig) -> None:
+    """Writes `folder/{config.json, model.safetensors}` that `SpeechT5HifiGan.from_pretrained` and
+    `load_hf_hifigan` load (plain weights, no weight norm; see the module docstring).
+
+    Args:
+      folder: created if absent.
+      params: `HifiGanGenerator(config)` params (e.g. `HifiGanVocoder.params`), numpy or jax.
+      config: the generator's architecture.
+
+    The HF config has no field for the vocoder's input features: a vocoder trained on other than
+    SpeechT5's STFT must be loaded back with its own `spectrogram_config=`.
+    """
+    tensors = params_to_hf(params, config)  # Validates before anything is written.
+    hf_config = hifigan_config_to_hf(config)
+    dtypes = {str(v.dtype) for v in tensors.values()}
+    if len(dtypes) == 1:  # As transformers records it; mixed dtypes have no single name.
+        hf_config["dtype"] = dtypes.pop()
+    safetensors_io.write_folder(folder, hf_config, tensors)
 
 
 def load_hf_hifigan(

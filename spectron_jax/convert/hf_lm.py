@@ -1,8 +1,14 @@
 """HF decoder LMs (Gemma 3 text, Llama, Qwen2) <-> `DecoderConfig` and the `Decoder` param tree.
 
 Import: `load_hf_lm(folder)` reads config.json + safetensors (sharded or not) into
-`(DecoderConfig, params)`; export: `save_hf_lm(folder, config, params, model_type)` writes the
-same names, shapes and dtypes back, so HF -> ours -> HF reproduces every tensor bit for bit.
+`(DecoderConfig, params)`, and `special_ids_from_hf(folder)` the BOS / EOS / PAD ids; export:
+`save_hf_lm(folder, config, params, model_type, bos_id=, eos_id=, pad_id=)` writes the same
+names, shapes and dtypes back, so HF -> ours -> HF reproduces every tensor bit for bit.
+
+The export states the model's contract rather than leaving it to transformers' class defaults
+(Llama's would say BOS 1, EOS 2 and 2048 positions whatever the model was trained with):
+config.json carries `max_position_embeddings` and the special ids, and generation_config.json
+the ids `generate` uses (EOS stops a row, PAD fills the rows that stopped).
 
 Layout changes (all exact: transposes and reshapes only):
   HF Linear weight [out, in]          <-> Dense kernel [in, out]
@@ -14,8 +20,10 @@ permutation because `apply_rope` uses HF's rotate-half layout.
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Callable, Mapping
+import pathlib
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -32,8 +40,13 @@ _ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh", "sil
 _TO_HF_ACTIVATION = {"gelu_tanh": "gelu_pytorch_tanh", "silu": "silu"}
 # Buffers that older checkpoints saved and that carry no learned state.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+GENERATION_CONFIG_FILE = "generation_config.json"
+# Our keyword -> the HF config / generation config key.
+_SPECIAL_ID_KEYS = {"bos_id": "bos_token_id", "eos_id": "eos_token_id", "pad_id": "pad_token_id"}
 
 Params = dict[str, Any]
+# One id, or several EOS ids (any of them ends a sequence, as Gemma 3's generation config has).
+TokenIds = int | list[int] | None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,16 +148,40 @@ def config_from_hf(hf: Mapping, **overrides: Any) -> DecoderConfig:
         qkv_bias=model_type == "qwen2" or attention_bias,
         attn_out_bias=attention_bias,
         mlp_bias=bool(hf.get("mlp_bias", False)),
+        max_position_embeddings=hf.get("max_position_embeddings"),
     )
     kwargs.update(overrides)
     return DecoderConfig(**kwargs)
 
 
-def config_to_hf(config: DecoderConfig, model_type: str) -> dict:
-    """DecoderConfig -> an HF config.json dict for `model_type` (gemma3_text, llama or qwen2)."""
+def config_to_hf(
+    config: DecoderConfig,
+    model_type: str,
+    *,
+    bos_id: TokenIds,
+    eos_id: TokenIds,
+    pad_id: TokenIds,
+) -> dict:
+    """DecoderConfig -> an HF config.json dict for `model_type` (gemma3_text, llama or qwen2).
+
+    The special ids are required and written as given, None as null: a missing key would let
+    transformers substitute its class default, an id the model was never trained with.
+
+    Raises:
+      ValueError: the config is not of `model_type`'s family, lacks `max_position_embeddings`,
+        or an id is outside the vocabulary.
+    """
     c = config
+    if c.max_position_embeddings is None:
+        raise ValueError(
+            "config.max_position_embeddings is None: set it (dataclasses.replace) to the longest "
+            "sequence the model was trained for, or transformers assumes its class default"
+        )
+    ids = _check_special_ids(dict(bos_id=bos_id, eos_id=eos_id, pad_id=pad_id), c.vocab_size)
     hf = dict(
         model_type=model_type,
+        max_position_embeddings=c.max_position_embeddings,
+        **{_SPECIAL_ID_KEYS[k]: v for k, v in ids.items()},
         vocab_size=c.vocab_size,
         hidden_size=c.d_model,
         intermediate_size=c.mlp_dim,
@@ -202,6 +239,23 @@ def config_to_hf(config: DecoderConfig, model_type: str) -> dict:
     else:
         raise NotImplementedError(f"export to model_type {model_type!r} not supported")
     return hf
+
+
+def _check_special_ids(ids: Mapping[str, TokenIds], vocab_size: int) -> dict[str, TokenIds]:
+    """`ids` with int-like values as int and EOS sequences as lists; ValueError if out of range."""
+    out: dict[str, TokenIds] = {}
+    for name, value in ids.items():
+        if value is None:
+            out[name] = None
+            continue
+        many = isinstance(value, Sequence) and not isinstance(value, str)
+        if many and name != "eos_id":
+            raise ValueError(f"{name} must be one id, got {value!r}")
+        values = [int(v) for v in value] if many else [int(value)]
+        if not values or not all(0 <= v < vocab_size for v in values):
+            raise ValueError(f"{name}={value!r} is not in the vocabulary [0, {vocab_size})")
+        out[name] = values if many else values[0]
+    return out
 
 
 def _int_if_integral(x: float) -> int | float:
@@ -418,19 +472,59 @@ def load_hf_lm(
     return config, params
 
 
+def special_ids_from_hf(folder: str | os.PathLike) -> dict[str, TokenIds]:
+    """{"bos_id", "eos_id", "pad_id"} of an HF LM folder, as `save_hf_lm` takes them.
+
+    generation_config.json wins where it has the key (it is what `generate` uses; Gemma 3's lists
+    two EOS ids where config.json has one), then config.json, then its `text_config`
+    (multimodal Gemma 3). A key found nowhere is None. EOS may be a list of ids.
+    """
+    folder = pathlib.Path(folder)
+    hf = safetensors_io.read_config(folder)
+    sources = [hf, hf.get("text_config") or {}]
+    generation = folder / GENERATION_CONFIG_FILE
+    if generation.is_file():
+        sources.insert(0, json.loads(generation.read_text()))
+    ids = {}
+    for ours, key in _SPECIAL_ID_KEYS.items():
+        ids[ours] = next((source[key] for source in sources if key in source), None)
+    return ids
+
+
 def save_hf_lm(
     folder: str | os.PathLike,
     config: DecoderConfig,
     params: Params,
     model_type: str,
     *,
+    bos_id: TokenIds,
+    eos_id: TokenIds,
+    pad_id: TokenIds,
     prefix: str = "model.",
     max_shard_bytes: int | None = None,
 ) -> None:
-    """Writes params as an HF folder (config.json + safetensors) that transformers loads."""
+    """Writes params as an HF folder that transformers loads, its contract stated explicitly.
+
+    Files: config.json (architecture, `max_position_embeddings`, the special ids),
+    generation_config.json (the ids `generate` reads: EOS stops a row, PAD fills finished rows),
+    model.safetensors or shards with an index.
+
+    Args:
+      folder: created if absent.
+      config: the architecture; `max_position_embeddings` must be set.
+      params: `Decoder(config)` params (numpy or jax arrays, boxed or not).
+      model_type: "gemma3_text", "llama" or "qwen2".
+      bos_id, eos_id, pad_id: the vocabulary's ids (required: transformers' defaults differ per
+        class); None states that the model has no such token; EOS may be a list of ids.
+      prefix: HF name prefix of the LM tensors.
+      max_shard_bytes: largest safetensors shard; None writes one file.
+    """
+    ids = dict(bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
+    hf_config = config_to_hf(config, model_type, **ids)  # Validates before anything is written.
     safetensors_io.write_folder(
-        folder,
-        config_to_hf(config, model_type),
-        params_to_hf(params, config, prefix),
-        max_shard_bytes=max_shard_bytes,
+        folder, hf_config, params_to_hf(params, config, prefix), max_shard_bytes=max_shard_bytes
+    )
+    generation = {key: hf_config[key] for key in _SPECIAL_ID_KEYS.values()}
+    (pathlib.Path(folder) / GENERATION_CONFIG_FILE).write_text(
+        json.dumps(generation, indent=2, sort_keys=True) + "\n"
     )

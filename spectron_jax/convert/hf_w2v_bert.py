@@ -1,4 +1,4 @@
-"""HF w2v-BERT 2.0 (`Wav2Vec2BertModel`) folder -> `ConformerConfig` + `ConformerEncoder` params.
+"""HF w2v-BERT 2.0 (`Wav2Vec2BertModel`) folder <-> `ConformerConfig` + `ConformerEncoder` params.
 
 Reads `config.json` and the weights of a folder the user provides (`model.safetensors`, or the
 shards named by `model.safetensors.index.json`) with `convert/safetensors_io.py`, through
@@ -13,11 +13,23 @@ half first, as torch's GLU).
 
     config, params = load_hf_w2v_bert("/path/to/w2v-bert-2.0")
     hidden, mask = ConformerEncoder(config).apply({"params": params}, features, mask)
+
+Export (`save_hf_w2v_bert`, `params_to_hf`) inverts every one of these layout changes exactly
+(transposes and reshapes only, stored dtype kept), so HF -> ours -> HF reproduces each tensor the
+import reads bit for bit. It writes a bare `Wav2Vec2BertModel` and, by construction, not the
+tensors the import drops:
+  masked_spec_embed: SpecAugment's learned mask vector (float32[D]); our SpecAugment
+    (`nn/spec_augment.py`) runs on the input features and has no such parameter. transformers
+    initialises it at random when the config asks for masking (mask_time_prob > 0); it is only
+    read when training with SpecAugment, never by inference.
+  task heads and the `wav2vec2_bert.` prefix of `Wav2Vec2BertFor*` models (lm_head, projector,
+    classifier, ...): not part of the encoder.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 import flax.linen as nn
 import jax
@@ -203,3 +215,138 @@ def load_hf_w2v_bert(
     """Reads an HF w2v-BERT folder -> (ConformerConfig, params tree of numpy arrays)."""
     config = config_from_hf(safetensors_io.read_config(folder), **config_overrides)
     return config, params_from_hf(safetensors_io.read_tensors(folder), config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Export.
+# ---------------------------------------------------------------------------------------------
+
+
+def config_to_hf(config: conformer.ConformerConfig, base: Mapping | None = None) -> dict:
+    """`ConformerConfig` -> an HF `Wav2Vec2BertConfig` dict that `config_from_hf` maps back to it.
+
+    Args:
+      config: a w2v-BERT-shaped encoder (projection stem, causal LayerNorm conformer,
+        relative_key or no positions).
+      base: an HF config dict (e.g. the imported checkpoint's) whose keys this module does not
+        map (SpecAugment probabilities, layerdrop, CTC vocabulary, ...) are kept; None leaves
+        them to transformers' defaults.
+
+    Raises:
+      ValueError: the config uses a feature `Wav2Vec2BertModel` does not have.
+    """
+    c = config
+    problems = [
+        f"{name}={getattr(c, name)!r} (HF has {want!r})"
+        for name, want in (
+            ("stem", "projection"),
+            ("causal_conv", True),
+            ("norm_type", "layer_norm"),
+        )
+        if getattr(c, name) != want
+    ]
+    if c.position not in ("relative_key", "none"):
+        problems.append(f"position={c.position!r} (HF's rotary differs; see config_from_hf)")
+    if problems:
+        raise ValueError("config cannot be exported as w2v-BERT: " + "; ".join(problems))
+    hf = dict(base or {})
+    hf.update(
+        model_type="wav2vec2-bert",
+        architectures=["Wav2Vec2BertModel"],
+        feature_projection_input_dim=c.input_dim,
+        hidden_size=c.hidden_dim,
+        num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads,
+        intermediate_size=c.mlp_dim,
+        conv_depthwise_kernel_size=c.conv_kernel_size,
+        hidden_act=c.activation,
+        layer_norm_eps=c.norm_eps,
+        position_embeddings_type="relative_key" if c.position == "relative_key" else None,
+        left_max_position_embeddings=c.left_max_positions,
+        right_max_position_embeddings=c.right_max_positions,
+        feat_proj_dropout=c.feat_proj_dropout,
+        hidden_dropout=c.hidden_dropout,
+        activation_dropout=c.activation_dropout,
+        attention_dropout=c.attention_dropout,
+        conformer_conv_dropout=c.conv_dropout,
+        add_adapter=False,
+        use_intermediate_ffn_before_adapter=False,
+        dtype=c.param_dtype,
+    )
+    return hf
+
+
+def params_to_hf(params: dict, config: conformer.ConformerConfig) -> dict[str, np.ndarray]:
+    """Our `ConformerEncoder` params (numpy or jax, boxed or not) -> `Wav2Vec2BertModel` tensors.
+
+    The exact inverse of `params_from_hf` (dtype kept); names carry no `wav2vec2_bert.` prefix.
+    Raises ValueError unless the tree is exactly the one `ConformerEncoder(config)` creates.
+    """
+    params = jax.tree_util.tree_map(np.asarray, nn.unbox(params))
+    _check_shapes(params, config)
+    out: dict[str, np.ndarray] = {}
+
+    def norm(prefix, p):
+        out[f"{prefix}.weight"], out[f"{prefix}.bias"] = p["scale"], p["bias"]
+
+    def linear(prefix, p):
+        out[f"{prefix}.weight"] = p["kernel"].T  # [in, out] -> [out, in]
+        if "bias" in p:
+            out[f"{prefix}.bias"] = p["bias"]
+
+    def ffn(prefix, p):
+        linear(f"{prefix}.intermediate_dense", p["wi"])
+        linear(f"{prefix}.output_dense", p["wo"])
+
+    norm("feature_projection.layer_norm", params["feature_norm"])
+    linear("feature_projection.projection", params["feature_projection"])
+    for i in range(config.num_layers):
+        p, layer = f"encoder.layers.{i}", params[f"layers_{i}"]
+        attention, conv = layer["attention"], layer["conv"]
+        for name in ("query", "key", "value"):
+            kernel, bias = attention[name]["kernel"], attention[name]["bias"]  # [D, H, hd], [H, hd]
+            out[f"{p}.self_attn.linear_{name[0]}.weight"] = kernel.reshape(len(kernel), -1).T
+            out[f"{p}.self_attn.linear_{name[0]}.bias"] = bias.reshape(-1)
+        kernel = attention["out"]["kernel"]  # [H, hd, D] -> [D, H*hd]
+        out[f"{p}.self_attn.linear_out.weight"] = kernel.reshape(-1, kernel.shape[-1]).T
+        out[f"{p}.self_attn.linear_out.bias"] = attention["out"]["bias"]
+        if config.position == "relative_key":
+            out[f"{p}.self_attn.distance_embedding.weight"] = attention["distance_embedding"]
+        pw_in = conv["pointwise_in"]["kernel"]  # [D, 2, D] -> [2D, D, 1], GLU values first
+        pw_out = conv["pointwise_out"]["kernel"]  # [D, D] -> [D, D, 1]
+        depthwise = conv["depthwise"]["kernel"]  # [K, 1, D] -> [D, 1, K]
+        out[f"{p}.conv_module.pointwise_conv1.weight"] = pw_in.reshape(len(pw_in), -1).T[..., None]
+        out[f"{p}.conv_module.depthwise_conv.weight"] = depthwise.transpose(2, 1, 0)
+        out[f"{p}.conv_module.pointwise_conv2.weight"] = pw_out.T[..., None]
+        norm(f"{p}.conv_module.layer_norm", conv["norm"])
+        norm(f"{p}.conv_module.depthwise_layer_norm", conv["depthwise_norm"])
+        for name in ("ffn1", "ffn2"):
+            norm(f"{p}.{name}_layer_norm", layer[f"{name}_norm"])
+            ffn(f"{p}.{name}", layer[name])
+        norm(f"{p}.self_attn_layer_norm", layer["attention_norm"])
+        norm(f"{p}.final_layer_norm", layer["final_norm"])
+    return {name: np.ascontiguousarray(value) for name, value in out.items()}
+
+
+def save_hf_w2v_bert(
+    folder: str | os.PathLike,
+    params: dict,
+    config: conformer.ConformerConfig,
+    *,
+    base_config: Mapping | None = None,
+    max_shard_bytes: int | None = None,
+) -> None:
+    """Writes an HF folder (config.json + safetensors) that `Wav2Vec2BertModel` loads.
+
+    Args:
+      folder: created if absent.
+      params: `ConformerEncoder(config)` params; written in their own dtype.
+      config: the encoder; see `config_to_hf` for what can be exported.
+      base_config: HF config dict whose unmapped keys are kept (pass the imported checkpoint's
+        `safetensors_io.read_config(folder)` to round-trip SpecAugment and training settings).
+      max_shard_bytes: largest safetensors shard; None writes one model.safetensors.
+    """
+    hf_config = config_to_hf(config, base_config)  # Validates before anything is written.
+    safetensors_io.write_folder(
+        folder, hf_config, params_to_hf(params, config), max_shard_bytes=max_shard_bytes
+    )

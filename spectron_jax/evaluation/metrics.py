@@ -39,9 +39,7 @@ def normalize_text(text: str) -> str:
     space, ends stripped. Letters without a decomposition (e.g. "ø", "ł") are kept as they are.
     """
     text = unicodedata.normalize("NFKC", text).casefold()
-    text = "".join(
-        c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c)
-    )
+    text = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
     text = text.translate(_ASCII_PUNCT)
     text = "".join(" " if unicodedata.category(c)[0] in "PS" else c for c in text)
     return " ".join(text.split())
@@ -106,8 +104,14 @@ def qa_accuracy(
         raise ValueError(f"{len(answers)} answers but {len(references)} references")
     if not answers:
         raise ValueError("no examples")
-    return float(np.mean([qa_match(a, r, whole_words=whole_words)
-                          for a, r in zip(answers, references, strict=True)]))
+    return float(
+        np.mean(
+            [
+                qa_match(a, r, whole_words=whole_words)
+                for a, r in zip(answers, references, strict=True)
+            ]
+        )
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -215,8 +219,9 @@ def dtw_l1(a: np.ndarray, b: np.ndarray) -> float:
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or not len(a) or not len(b):
-        raise ValueError(f"expected non-empty float[T1, M] and float[T2, M], got {a.shape}, "
-                         f"{b.shape}")
+        raise ValueError(
+            f"expected non-empty float[T1, M] and float[T2, M], got {a.shape}, {b.shape}"
+        )
     cost = np.abs(a[:, None, :] - b[None, :, :]).mean(-1)  # [T1, T2]
     t1, t2 = cost.shape
     total = np.full((t1 + 1, t2 + 1), np.inf)

@@ -104,8 +104,11 @@ def markdown(
             lines.append(f"| {title} (`{key}`) | {_fmt(figures[key])} | {better} |")
 
     for key, title, highest_worst in WORST_CASE_KEYS:
-        scored = [r for r in records if isinstance(r.get(key), (int, float))
-                  and math.isfinite(float(r[key]))]
+        scored = [
+            r
+            for r in records
+            if isinstance(r.get(key), (int, float)) and math.isfinite(float(r[key]))
+        ]
         if not scored:
             continue
         scored.sort(key=lambda r: float(r[key]), reverse=highest_worst)
@@ -118,27 +121,41 @@ def markdown(
         ]
         for r in scored[:worst_cases]:
             ref = f"{r.get('prompt_text', '')} / {r.get('continuation_text', '')}"
-            lines.append(f"| {_cell(r['id'], 40)} | {_fmt(float(r[key]))} | {_cell(ref)} | "
-                         f"{_cell(r.get('hyp_transcript', ''))} / "
-                         f"{_cell(r.get('hyp_continuation', ''))} |")
+            lines.append(
+                f"| {_cell(r['id'], 40)} | {_fmt(float(r[key]))} | {_cell(ref)} | "
+                f"{_cell(r.get('hyp_transcript', ''))} / "
+                f"{_cell(r.get('hyp_continuation', ''))} |"
+            )
 
     failed_qa = [r for r in records if r.get("qa_correct") is False]
     if failed_qa:
-        lines += ["", f"## Spoken QA misses ({len(failed_qa)})", "",
-                  "| id | question | reference answer | model answer |", "|---|---|---|---|"]
+        lines += [
+            "",
+            f"## Spoken QA misses ({len(failed_qa)})",
+            "",
+            "| id | question | reference answer | model answer |",
+            "|---|---|---|---|",
+        ]
         for r in failed_qa[:worst_cases]:
-            lines.append(f"| {_cell(r['id'], 40)} | {_cell(r['prompt_text'])} | "
-                         f"{_cell(r['continuation_text'])} | {_cell(r['hyp_continuation'])} |")
+            lines.append(
+                f"| {_cell(r['id'], 40)} | {_cell(r['prompt_text'])} | "
+                f"{_cell(r['continuation_text'])} | {_cell(r['hyp_continuation'])} |"
+            )
 
     samples = [r for r in records if "png" in r]
     if samples:
         lines += ["", "## Samples", ""]
         for r in samples:
             audio = f" ([audio]({r['wav']}))" if "wav" in r else ""
-            lines += [f"### {r['id']}{audio}", "",
-                      f"- reference: {r['prompt_text']} / {r['continuation_text']}",
-                      f"- model: {r['hyp_transcript']} / {r['hyp_continuation']}", "",
-                      f"![{r['id']}]({r['png']})", ""]
+            lines += [
+                f"### {r['id']}{audio}",
+                "",
+                f"- reference: {r['prompt_text']} / {r['continuation_text']}",
+                f"- model: {r['hyp_transcript']} / {r['hyp_continuation']}",
+                "",
+                f"![{r['id']}]({r['png']})",
+                "",
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -185,7 +202,8 @@ def write_tensorboard(
     for name, wav in (audios or {}).items():
         if len(wav):
             clip = np.clip(np.asarray(wav, np.float32), -1.0, 1.0)[None, :, None]  # [N=1, S, C=1]
-            writer.write_audios(step, {f"{prefix}/audio/{safe_name(name)}": clip},
-                                sample_rate=sample_rate)
+            writer.write_audios(
+                step, {f"{prefix}/audio/{safe_name(name)}": clip}, sample_rate=sample_rate
+            )
     writer.flush()
     writer.close()

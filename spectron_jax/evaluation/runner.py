@@ -2,7 +2,7 @@
 
 Per example (task examples of docs/CONTRACTS.md section 1), the model decodes its text (prompt
 transcript + continuation, no separator) and speech; the text is cut at its word alignment with
-the reference prompt transcript (`inference.split_text`). Then:
+the reference prompt transcript (`evaluation.text.split_text`). Then:
 
 - `transcript_wer`, `transcript_cer` (all examples): corpus WER/CER of the model's own
   transcript of the prompt.
@@ -41,8 +41,10 @@ from typing import Any
 import numpy as np
 
 from spectron_jax import inference
-from spectron_jax.evaluation import metrics, report
+from spectron_jax.evaluation import metrics, plots, report
 from spectron_jax.evaluation.speaker import MelStatsSpeakerEncoder, load_speaker_encoder
+from spectron_jax.evaluation.text import split_text
+from spectron_jax.nn.layers import ceil_div
 
 logger = logging.getLogger(__name__)
 
@@ -158,8 +160,9 @@ def score_text(record: dict, is_qa: bool) -> None:
         metrics.word_error_rate, record["prompt_text"], record["hyp_transcript"]
     )
     if is_qa:
-        record["qa_correct"] = metrics.qa_match(record["hyp_continuation"],
-                                                record["continuation_text"])
+        record["qa_correct"] = metrics.qa_match(
+            record["hyp_continuation"], record["continuation_text"]
+        )
     else:
         ref = metrics.normalize_text(record["continuation_text"])
         record["continuation_exact"] = ref == metrics.normalize_text(record["hyp_continuation"])
@@ -209,8 +212,15 @@ def aggregate(records: Sequence[dict]) -> dict[str, Any]:
         out["qa_accuracy"] = float(np.mean([r["qa_correct"] for r in qa]))
         if any("qa_correct_asr" in r for r in qa):
             out["qa_accuracy_asr"] = float(np.mean([r.get("qa_correct_asr", False) for r in qa]))
-    for key in ("spectrogram_l1", "spectrogram_l2", "mcd_db", "dtw_l1", "speaker_similarity",
-                "log_perplexity", "generated_seconds"):
+    for key in (
+        "spectrogram_l1",
+        "spectrogram_l2",
+        "mcd_db",
+        "dtw_l1",
+        "speaker_similarity",
+        "log_perplexity",
+        "generated_seconds",
+    ):
         value = _mean(records, key)
         if value is not None:
             out[key] = value
@@ -256,32 +266,64 @@ def evaluate_examples(
     Returns:
       The figures and per-example records (also written to `out_dir`).
     """
-    from spectron_jax import decoding
-    from spectron_jax.audio.io import write_wav
-
-    config = loaded.config
     for ex in examples:
-        _check_dims(config, ex)
+        _check_dims(loaded.config, ex)
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sr, fps = config.spectrogram.sample_rate, config.spectrogram.frames_per_second
+    decode_config, generations = decode_examples(loaded, examples, options)
+    records, waveforms = score_examples(loaded.config, examples, generations, options)
+    sample_audio = write_sample_files(out, loaded.config, examples, generations, records, waveforms)
+    header = {
+        "task": task,
+        "split": split,
+        "checkpoint": checkpoint,
+        "step": loaded.step,
+        "decode": dataclasses.asdict(decode_config),
+        "options": dataclasses.asdict(options),
+    }
+    return write_results(out, header, records, sample_audio, options, loaded.config)
 
-    # One frame count and one prompt length for the run: one compiled decode program.
+
+# -- decode ---------------------------------------------------------------------------------------
+
+
+def decode_config_for(
+    loaded: inference.LoadedModel, examples: Sequence[dict], options: EvalOptions
+) -> Any:
+    """The one `DecodeConfig` of a run: one frame count for every example (one compile).
+
+    `options.seconds`, else the longest reference continuation (`qa_seconds` for QA examples),
+    rounded up to whole frame groups.
+    """
+    from spectron_jax import decoding
+
+    config = loaded.config
     if options.seconds is not None:
         max_frames = inference.num_frames_for(config, options.seconds)
     else:
         qa_frames = inference.num_frames_for(config, options.qa_seconds)
         max_frames = max(int(ex["continuation_length"]) or qa_frames for ex in examples)
-        max_frames = -(-max_frames // config.reduction_factor) * config.reduction_factor
-    decode_config = decoding.DecodeConfig(
+        max_frames = ceil_div(max_frames, config.reduction_factor) * config.reduction_factor
+    return decoding.DecodeConfig(
         max_text_tokens=options.max_text_tokens,
         max_frames=max_frames,
         seed=options.seed,
-        **inference.special_ids(loaded.vocabulary),
+        bos_id=loaded.model.bos_id,
+        eos_id=loaded.model.eos_id,
     )
-    bucket = inference.PROMPT_BUCKET_FRAMES
-    prompt_frames = -(-max(int(ex["prompt_length"]) for ex in examples) // bucket) * bucket
 
+
+def decode_examples(
+    loaded: inference.LoadedModel, examples: Sequence[dict], options: EvalOptions
+) -> tuple[Any, list[inference.Generation]]:
+    """(decode config, one `Generation` per example), decoded `options.batch_size` at a time.
+
+    Every batch has the same shape (prompts padded to the run's longest, the last batch padded
+    with copies), so the decode program compiles once.
+    """
+    decode_config = decode_config_for(loaded, examples, options)
+    bucket = inference.PROMPT_BUCKET_FRAMES
+    prompt_frames = ceil_div(max(int(ex["prompt_length"]) for ex in examples), bucket) * bucket
     generations: list[inference.Generation] = []
     for start in range(0, len(examples), options.batch_size):
         chunk = examples[start : start + options.batch_size]
@@ -291,92 +333,163 @@ def evaluate_examples(
         gens = inference.generate(loaded, feats, decode_config, prompt_frames=prompt_frames)
         generations.extend(gens[: len(chunk)])
         logger.info("eval: decoded %d / %d", len(generations), len(examples))
+    return decode_config, generations
 
+
+# -- score ----------------------------------------------------------------------------------------
+
+
+class _Vocoder:
+    """The run's vocoder, built at the first waveform (HiFi-GAN loading is not free)."""
+
+    def __init__(self, options: EvalOptions, spectrogram_config: Any):
+        self._args = (options.vocoder, spectrogram_config, options.vocoder_dir)
+        self._vocoder = None
+
+    def __call__(self, frames: np.ndarray) -> np.ndarray:
+        """float32[T, n_mels] -> float32[T * hop]."""
+        if self._vocoder is None:
+            self._vocoder = inference.make_vocoder(*self._args)
+        return inference.vocode(self._vocoder, frames)
+
+
+def score_examples(
+    config: Any,
+    examples: Sequence[dict],
+    generations: Sequence[inference.Generation],
+    options: EvalOptions,
+) -> tuple[list[dict], list[np.ndarray | None]]:
+    """Per-example records (text, spectrogram, speaker and ASR figures).
+
+    Returns:
+      (records, waveforms): the generated float32[S] audio of the first `options.num_samples`
+      examples (None where nothing was generated), for the sample files.
+    """
     speaker_encoder = _speaker_encoder(options, config, examples)
     asr, lm = _external_models(options)
-    vocoder = None
-    records, sample_audio = [], {}
+    vocoder = _Vocoder(options, config.spectrogram)
+    fps, sr = config.spectrogram.frames_per_second, config.spectrogram.sample_rate
+    records, waveforms = [], []
     for i, (ex, gen) in enumerate(zip(examples, generations, strict=True)):
-        is_qa = int(ex["continuation_length"]) == 0
-        transcript, rest = inference.split_text(
-            gen.text, prompt_text=ex["prompt_text"], reference_rest=ex["continuation_text"]
-        )
-        record = {
-            "id": ex["id"] or f"example-{i}",
-            "kind": "qa" if is_qa else "continuation",
-            "speaker_id": ex["speaker_id"],
-            "prompt_text": ex["prompt_text"],
-            "continuation_text": ex["continuation_text"],
-            "hyp_text": gen.text,
-            "hyp_transcript": transcript,
-            "hyp_continuation": rest,
-            "generated_seconds": len(gen.frames) / fps,
-        }
-        score_text(record, is_qa)
-        reference = _reference(ex)
-        if not is_qa:
-            score_frames(record, gen.frames, reference)
+        record = text_record(i, ex, gen, fps)
+        if record["kind"] == "continuation":
+            score_frames(record, gen.frames, _reference(ex))
         prompt_mel = _prompt_log_mel(config, ex)
-        anchor = prompt_mel if prompt_mel is not None else reference
+        anchor = prompt_mel if prompt_mel is not None else _reference(ex)
         if len(gen.frames) and len(anchor):
-            record["speaker_similarity"] = float(metrics.cosine_similarity(
-                speaker_encoder.embed(anchor), speaker_encoder.embed(gen.frames)))
-        needs_audio = asr is not None or i < options.num_samples
-        waveform = None
-        if needs_audio and len(gen.frames):
-            if vocoder is None:
-                vocoder = inference.make_vocoder(
-                    options.vocoder, config.spectrogram, options.vocoder_dir
+            record["speaker_similarity"] = float(
+                metrics.cosine_similarity(
+                    speaker_encoder.embed(anchor), speaker_encoder.embed(gen.frames)
                 )
-            waveform = inference.vocode(vocoder, gen.frames)
-        if asr is not None and waveform is not None:
-            record["asr_text"] = asr.transcribe(waveform, sr)
-            if is_qa:
-                record["qa_correct_asr"] = metrics.qa_match(
-                    record["asr_text"], ex["continuation_text"]
-                )
-            elif lm is not None:
-                record["log_perplexity"] = lm.log_perplexity(
-                    record["asr_text"], context=ex["prompt_text"]
-                )
-        if i < options.num_samples:
-            name = report.safe_name(record["id"])
-            png = out / "samples" / f"{name}.png"
-            inference.save_spectrogram_png(
-                png,
-                prompt_mel if prompt_mel is not None else np.zeros((0, config.n_mels)),
-                gen.frames,
-                title=record["id"],
-                reference=reference if len(reference) else None,
             )
-            record["png"] = str(png.relative_to(out))
-            if waveform is not None:
-                wav = out / "samples" / f"{name}.wav"
-                write_wav(wav, waveform, sr)
-                sample_audio[record["id"]] = waveform
-                record["wav"] = str(wav.relative_to(out))
+        needs_audio = asr is not None or i < options.num_samples
+        waveform = vocoder(gen.frames) if needs_audio and len(gen.frames) else None
+        if asr is not None and waveform is not None:
+            score_speech(record, asr.transcribe(waveform, sr), lm)
         records.append(record)
+        if i < options.num_samples:
+            waveforms.append(waveform)
+    return records, waveforms
 
+
+def text_record(i: int, ex: dict, gen: inference.Generation, fps: float) -> dict:
+    """An example's record: its texts, the model's text cut at the reference's alignment, and
+    the text figures (`score_text`)."""
+    is_qa = int(ex["continuation_length"]) == 0
+    transcript, rest = split_text(
+        gen.text, prompt_text=ex["prompt_text"], reference_rest=ex["continuation_text"]
+    )
+    record = {
+        "id": ex["id"] or f"example-{i}",
+        "kind": "qa" if is_qa else "continuation",
+        "speaker_id": ex["speaker_id"],
+        "prompt_text": ex["prompt_text"],
+        "continuation_text": ex["continuation_text"],
+        "hyp_text": gen.text,
+        "hyp_transcript": transcript,
+        "hyp_continuation": rest,
+        "generated_seconds": len(gen.frames) / fps,
+    }
+    score_text(record, is_qa)
+    return record
+
+
+def score_speech(record: dict, asr_text: str, lm: Any) -> None:
+    """Figures of the ASR transcript of the generated speech (in place): the QA match of a
+    spoken answer, or the LM's log-perplexity of a spoken continuation (given an LM)."""
+    record["asr_text"] = asr_text
+    if record["kind"] == "qa":
+        record["qa_correct_asr"] = metrics.qa_match(asr_text, record["continuation_text"])
+    elif lm is not None:
+        record["log_perplexity"] = lm.log_perplexity(asr_text, context=record["prompt_text"])
+
+
+# -- write ----------------------------------------------------------------------------------------
+
+
+def write_sample_files(
+    out: pathlib.Path,
+    config: Any,
+    examples: Sequence[dict],
+    generations: Sequence[inference.Generation],
+    records: Sequence[dict],
+    waveforms: Sequence[np.ndarray | None],
+) -> dict[str, np.ndarray]:
+    """`samples/<id>.png` (and `.wav`) of the first `len(waveforms)` examples; their file names
+    go into the records (in place).
+
+    Returns:
+      {example id: float32[S] generated audio} for TensorBoard.
+    """
+    from spectron_jax.audio.io import write_wav
+
+    sr = config.spectrogram.sample_rate
+    sample_audio = {}
+    for ex, gen, record, waveform in zip(examples, generations, records, waveforms, strict=False):
+        name = report.safe_name(record["id"])
+        png = out / "samples" / f"{name}.png"
+        prompt_mel = _prompt_log_mel(config, ex)
+        reference = _reference(ex)
+        plots.save_spectrogram_png(
+            png,
+            prompt_mel if prompt_mel is not None else np.zeros((0, config.n_mels)),
+            gen.frames,
+            title=record["id"],
+            reference=reference if len(reference) else None,
+        )
+        record["png"] = str(png.relative_to(out))
+        if waveform is not None:
+            wav = out / "samples" / f"{name}.wav"
+            write_wav(wav, waveform, sr)
+            sample_audio[record["id"]] = waveform
+            record["wav"] = str(wav.relative_to(out))
+    return sample_audio
+
+
+def write_results(
+    out: pathlib.Path,
+    header: dict[str, Any],
+    records: list[dict],
+    sample_audio: dict[str, np.ndarray],
+    options: EvalOptions,
+    config: Any,
+) -> EvalResult:
+    """Aggregates the records; writes `metrics.json`, `report.md` and TensorBoard summaries."""
     figures = aggregate(records)
     notes = []
-    if asr is None or lm is None:
+    if not (options.asr_dir and options.lm_dir):
         notes.append(
             "log-perplexity skipped: it needs both --asr-dir (a local ASR model) and --lm-dir "
             "(a local GPT-2); nothing is downloaded"
         )
-    header = {
-        "task": task,
-        "split": split,
-        "checkpoint": checkpoint,
-        "step": loaded.step,
-        "decode": dataclasses.asdict(decode_config),
-        "options": dataclasses.asdict(options),
-        "notes": notes,
-    }
+    header = {**header, "notes": notes}
     json_path = out / "metrics.json"
     json_path.write_text(
-        json.dumps(report.jsonable({**header, "metrics": figures, "examples": records}), indent=2,
-                   ensure_ascii=False),
+        json.dumps(
+            report.jsonable({**header, "metrics": figures, "examples": records}),
+            indent=2,
+            ensure_ascii=False,
+        ),
         encoding="utf-8",
     )
     report_path = out / "report.md"
@@ -384,7 +497,13 @@ def evaluate_examples(
         report.markdown(header, figures, records, options.worst_cases), encoding="utf-8"
     )
     report.write_tensorboard(
-        out / "tensorboard", loaded.step, figures, records, task, sample_audio, sr
+        out / "tensorboard",
+        header["step"],
+        figures,
+        records,
+        header["task"],
+        sample_audio,
+        config.spectrogram.sample_rate,
     )
     return EvalResult(
         metrics=figures,
@@ -399,8 +518,11 @@ def _speaker_encoder(options: EvalOptions, config: Any, examples: Sequence[dict]
     if options.speaker_encoder:
         return load_speaker_encoder(options.speaker_encoder)
     anchors = [
-        m for m in (_prompt_log_mel(config, ex) if config.encoder_front_end == "log_mel"
-                    else _reference(ex) for ex in examples)
+        m
+        for m in (
+            _prompt_log_mel(config, ex) if config.encoder_front_end == "log_mel" else _reference(ex)
+            for ex in examples
+        )
         if m is not None and len(m)
     ]
     encoder = MelStatsSpeakerEncoder(num_coefficients=min(20, config.n_mels - 1))
@@ -412,8 +534,10 @@ def _external_models(options: EvalOptions):
     from spectron_jax.evaluation.perplexity import LocalAsr, LocalLm
 
     if options.lm_dir and not options.asr_dir:
-        raise ValueError("--lm-dir scores an ASR transcript of the generated speech: also pass "
-                         "--asr-dir (a local transformers ASR model folder)")
+        raise ValueError(
+            "--lm-dir scores an ASR transcript of the generated speech: also pass "
+            "--asr-dir (a local transformers ASR model folder)"
+        )
     asr = LocalAsr(options.asr_dir) if options.asr_dir else None
     lm = LocalLm(options.lm_dir) if options.lm_dir else None
     return asr, lm
@@ -428,10 +552,12 @@ def evaluate(
     *,
     vocabulary_path: str | None = None,
 ) -> EvalResult:
-    """Loads a checkpoint and the task split, then `evaluate_examples`."""
-    loaded = inference.load_model_for_inference(
-        checkpoint, inference.load_vocabulary(vocabulary_path) if vocabulary_path else None
-    )
+    """Loads a checkpoint and the task split, then `evaluate_examples`.
+
+    `vocabulary_path` overrides the vocabulary the checkpoint stores (needed for checkpoints
+    written before they stored one).
+    """
+    loaded = inference.load_model_for_inference(checkpoint, vocabulary_path)
     examples = load_examples(task, split, options.max_examples)
     return evaluate_examples(
         loaded, examples, out_dir, options, task=task, split=split, checkpoint=str(checkpoint)

@@ -1,7 +1,7 @@
 """Speech samples while training: generated continuations as spectrogram images and audio.
 
-`speech_samples` is `train.sample_fn` (gin/runs/pretrain.gin): every `train.eval_every` steps
-and at the end of the run it decodes the first `num_examples` prompts of a validation split
+`SpeechSamples` is an evaluator of `train.train` (gin/runs/pretrain.gin): every `every` steps
+and after the last step it decodes the first `num_examples` prompts of a validation split
 free-running (greedy transcript and continuation, then `reduction_factor` frames per step for
 the reference continuation's duration), and writes
 
@@ -10,7 +10,8 @@ the reference continuation's duration), and writes
   TensorBoard: images `samples/<split>/spectrograms`, audio `samples/<split>/generated`,
                scalars `samples/<split>/{exact_match,dtw_l1}` (over these few examples).
 
-`write_samples` is shared with the end-of-run counting evaluation (`evaluation/counting.py`).
+`decode_batch` and `write_samples` are shared with corpus-specific evaluators (the tiny run's
+`spectron_tasks.counting_evaluation`).
 """
 
 from __future__ import annotations
@@ -20,23 +21,16 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import gin
 import jax
 import numpy as np
 
-import gin
+from spectron_jax import data
+from spectron_jax.evaluation import plots
 from spectron_jax.evaluation.metrics import dtw_l1, normalize_text
+from spectron_jax.interfaces import EvalContext
 
 logger = logging.getLogger(__name__)
-
-
-def task_vocabulary(mixture_or_task_name: str):
-    """The transcript vocabulary of a registered seqio task or mixture."""
-    import seqio
-
-    import spectron_tasks  # noqa: F401 - registers the tasks
-
-    provider = seqio.get_mixture_or_task(mixture_or_task_name)
-    return provider.output_features["prompt_transcript"].vocabulary
 
 
 def reference_texts(
@@ -70,42 +64,33 @@ def write_samples(
     Returns:
       {"image": uint8[H, W, 3], "audio": float32[N, T, 1]} for TensorBoard (generated audio).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from spectron_jax.audio.griffin_lim import GriffinLimVocoder
     from spectron_jax.audio.io import write_wav
 
     os.makedirs(directory, exist_ok=True)
     vocoder = GriffinLimVocoder(spectrogram_config)
-    audios = []
-    fig, axes = plt.subplots(len(samples), 2, figsize=(10, 2.2 * len(samples)), squeeze=False)
+    audios, rows = [], []
     for i, s in enumerate(samples):
-        for j, kind in enumerate(("reference", "generated")):
+        row = {f"{kind}_text": s[f"{kind}_text"] for kind in ("reference", "generated")}
+        for kind in ("reference", "generated"):
             frames = np.asarray(s[kind], np.float32)
             if prompt_is_log_mel:
                 frames = np.concatenate([np.asarray(s["prompt_features"], np.float32), frames])
             wave = np.asarray(vocoder(frames))
             wave = wave / max(1.0, float(np.abs(wave).max()) / 0.95)
-            path = os.path.join(directory, f"{split}-{i}-{kind}.wav")
-            write_wav(path, wave, spectrogram_config.sample_rate)
+            write_wav(
+                os.path.join(directory, f"{split}-{i}-{kind}.wav"),
+                wave,
+                spectrogram_config.sample_rate,
+            )
             if kind == "generated":
                 audios.append(wave)
-            ax = axes[i, j]
-            ax.imshow(frames.T, origin="lower", aspect="auto", cmap="magma")
-            ax.set_title(f"{kind}: {s[f'{kind}_text']}", fontsize=8)
-            if prompt_is_log_mel:
-                ax.axvline(len(s["prompt_features"]) - 0.5, color="cyan", lw=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-    fig.tight_layout()
-    png = os.path.join(directory, f"{split}-spectrograms.png")
-    fig.savefig(png, dpi=80)
-    fig.canvas.draw()
-    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
+            row[kind] = frames
+        rows.append(row)
+    prompt_frames = [len(s["prompt_features"]) for s in samples] if prompt_is_log_mel else None
+    image = plots.sample_grid_png(
+        os.path.join(directory, f"{split}-spectrograms.png"), rows, prompt_frames
+    )
     longest = max(len(a) for a in audios)
     audio = np.stack([np.pad(a, (0, longest - len(a))) for a in audios])[..., None]
     return {"image": image, "audio": audio.astype(np.float32)}
@@ -136,6 +121,8 @@ def decode_batch(
         max_frames=batch["target_frames"].shape[1],
         text_mode="free",
         seed=seed,
+        bos_id=model.bos_id,
+        eos_id=model.eos_id,
     )
     out = jax.device_get(generate(model, params, batch, config))
     prompts, continuations = reference_texts(
@@ -161,90 +148,110 @@ def decode_batch(
     return examples
 
 
-@gin.configurable
-def speech_samples(
-    *,
-    model: Any,
-    params: Any,
-    model_dir: str,
-    step: int,
-    writer: Any = None,
-    mixture_or_task_name: str = gin.REQUIRED,
-    task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
-    splits: Sequence[str] = ("validation",),
-    num_examples: int = 4,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Generates speech for a few validation prompts; writes WAVs, a PNG and TensorBoard media.
+def write_media(
+    writer: Any, step: int, prefix: str, media: Mapping[str, np.ndarray], sample_rate: int
+) -> None:
+    """`write_samples`' image and audio to TensorBoard as `<prefix>/spectrograms|generated`.
 
-    Every process must call it (the decode is one jitted program over the run's parameters);
+    `writer` is a `summaries.MetricsLogger` or a clu metric writer (None: nothing is written).
+    """
+    if writer is None:
+        return
+    w = getattr(writer, "writer", writer)
+    w.write_images(step, {f"{prefix}/spectrograms": media["image"][None]})
+    w.write_audios(step, {f"{prefix}/generated": media["audio"]}, sample_rate=sample_rate)
+
+
+def sample_figures(samples: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """`exact_match` (free-running transcript vs reference) and `dtw_l1` (generated vs
+    reference continuation), each a mean over the samples."""
+    exact = [
+        normalize_text(s["generated_text"]) == normalize_text(s["reference_text"]) for s in samples
+    ]
+    return {
+        "exact_match": float(np.mean(exact)),
+        "dtw_l1": float(np.mean([dtw_l1(s["generated"], s["reference"]) for s in samples])),
+    }
+
+
+@gin.configurable
+class SpeechSamples:
+    """Generated speech for a few validation prompts: WAVs, a PNG and TensorBoard media.
+
+    Every process must run it (the decode is one jitted program over the run's parameters);
     only process 0 writes files and events.
 
-    Args:
-      model, params: the model being trained and its current parameters.
-      model_dir: samples go to `<model_dir>/samples/step_<step>/`.
-      step: the training step (TensorBoard step and folder name).
-      writer: a `metrics.MetricsLogger` (or a clu writer); None writes files only.
+    Attributes:
       mixture_or_task_name, task_feature_lengths: the task and lengths the run trains on.
       splits: splits to sample from (the first `num_examples` examples of each, in order).
       num_examples: prompts per split (the decode batch).
       seed: pre-net dropout / sampling seed of the decode.
-
-    Returns:
-      `<split>/exact_match` (free-running transcript vs reference) and `<split>/dtw_l1`
-      (generated vs reference continuation) over the sampled examples.
+      every: steps between samples; 0 = only after the last step.
+      name: TensorBoard prefix of the figures and media.
     """
-    from spectron_jax.train import seqio_dataset_fn
 
-    vocab = task_vocabulary(mixture_or_task_name)
-    config = model.config
-    figures: dict[str, float] = {}
-    directory = os.path.join(model_dir, "samples", f"step_{step}")
-    for split in splits:
-        make = seqio_dataset_fn(
-            mixture_or_task_name,
-            task_feature_lengths,
-            num_examples,
+    def __init__(
+        self,
+        mixture_or_task_name: str = gin.REQUIRED,
+        task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
+        splits: Sequence[str] = ("validation",),
+        num_examples: int = 4,
+        seed: int = 0,
+        every: int = 1000,
+        name: str = "samples",
+    ):
+        self.mixture_or_task_name = mixture_or_task_name
+        self.task_feature_lengths = dict(task_feature_lengths)
+        self.splits = tuple(splits)
+        self.num_examples = num_examples
+        self.seed = seed
+        self.every = every
+        self.name = name
+
+    def first_batch(self, model: Any, split: str) -> Mapping[str, Any]:
+        """The first `num_examples` examples of `split`, laid out by the model's converter."""
+        make = data.seqio_dataset_fn(
+            self.mixture_or_task_name,
+            self.task_feature_lengths,
+            self.num_examples,
+            model=model,
             split=split,
             shuffle=False,
             repeat=False,
         )
-        batch = next(iter(make(0, 1, seed, 0)), None)
+        batch = next(iter(make(0, 1, self.seed, 0)), None)
         if batch is None:
-            raise ValueError(f"speech_samples: split {split!r} of {mixture_or_task_name} is empty")
-        samples = decode_batch(model, params, batch, vocab.decode, seed)
-        figures[f"{split}/exact_match"] = float(
-            np.mean(
-                [
-                    normalize_text(s["generated_text"]) == normalize_text(s["reference_text"])
-                    for s in samples
-                ]
+            raise ValueError(
+                f"SpeechSamples: split {split!r} of {self.mixture_or_task_name} is empty"
             )
-        )
-        figures[f"{split}/dtw_l1"] = float(
-            np.mean([dtw_l1(s["generated"], s["reference"]) for s in samples])
-        )
-        if jax.process_index() != 0:
-            continue
-        media = write_samples(
-            samples, directory, split, config.spectrogram, config.encoder_front_end == "log_mel"
-        )
-        if writer is not None:
-            w = getattr(writer, "writer", writer)
-            w.write_images(step, {f"samples/{split}/spectrograms": media["image"][None]})
-            w.write_audios(
-                step,
-                {f"samples/{split}/generated": media["audio"]},
-                sample_rate=config.spectrogram.sample_rate,
+        return batch
+
+    def run(self, context: EvalContext) -> dict[str, float]:
+        """Samples every split at `context.step` into `<model_dir>/samples/step_<step>/`.
+
+        Returns:
+          `<split>/exact_match` and `<split>/dtw_l1` over the sampled examples.
+        """
+        model, step = context.model, context.step
+        config = model.config
+        figures: dict[str, float] = {}
+        directory = os.path.join(context.model_dir, "samples", f"step_{step}")
+        for split in self.splits:
+            batch = self.first_batch(model, split)
+            samples = decode_batch(model, context.params, batch, model.vocabulary.decode, self.seed)
+            figures.update({f"{split}/{k}": v for k, v in sample_figures(samples).items()})
+            if jax.process_index() != 0:
+                continue
+            media = write_samples(
+                samples, directory, split, config.spectrogram, config.encoder_front_end == "log_mel"
             )
-            w.write_texts(
-                step,
-                {
-                    f"samples/{split}/transcripts": "  \n".join(
-                        f"{s['generated_text']!r} (reference {s['reference_text']!r})"
-                        for s in samples
-                    )
-                },
-            )
-    logger.info("speech samples @ %d written to %s", step, directory)
-    return figures
+            prefix = f"{self.name}/{split}"
+            write_media(context.writer, step, prefix, media, config.spectrogram.sample_rate)
+            if context.writer is not None:
+                transcripts = "  \n".join(
+                    f"{s['generated_text']!r} (reference {s['reference_text']!r})" for s in samples
+                )
+                w = getattr(context.writer, "writer", context.writer)
+                w.write_texts(step, {f"{prefix}/transcripts": transcripts})
+        logger.info("speech samples @ %d written to %s", step, directory)
+        return figures

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spectron_jax.nn.layers import DenseGeneral
+from spectron_jax.nn.layers import DenseGeneral, ceil_div
 
 STEMS = ("projection", "subsampling")
 POSITIONS = ("relative_key", "rotary", "none")
@@ -104,7 +104,7 @@ class ConformerConfig:
     def output_length(self, length: int) -> int:
         """Output frames for `length` input frames (the stem's subsampling)."""
         if self.stem == "subsampling":
-            return -(-length // 4)
+            return ceil_div(length, 4)
         return length
 
 

@@ -55,6 +55,8 @@ class DecoderConfig:
       dtype: compute dtype name ("float32", "bfloat16").
       param_dtype: parameter dtype name.
       remat: "none", "full" (recompute each block) or "dots" (save matmul outputs).
+      max_position_embeddings: longest sequence the positions were trained for (HF's key of the
+        same name); not enforced here, carried so that an HF export states it. None: unknown.
     """
 
     vocab_size: int
@@ -85,6 +87,7 @@ class DecoderConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"
+    max_position_embeddings: int | None = None
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
@@ -99,6 +102,8 @@ class DecoderConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
+        if self.max_position_embeddings is not None and self.max_position_embeddings < 1:
+            raise ValueError(f"max_position_embeddings {self.max_position_embeddings} must be >= 1")
 
     def is_local_layer(self, layer: int) -> bool:
         """Whether block `layer` (0-based) uses the sliding window."""

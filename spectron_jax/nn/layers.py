@@ -22,6 +22,11 @@ ACTIVATIONS = {
 }
 
 
+def ceil_div(a: int, b: int) -> int:
+    """ceil(a / b) for integers (frame groups, subsampled lengths, padded buckets)."""
+    return -(-a // b)
+
+
 def default_kernel_init() -> nn.initializers.Initializer:
     return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 

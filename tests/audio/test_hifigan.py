@@ -1,4 +1,5 @@
-"""HiFi-GAN: Flax generator vs transformers' SpeechT5HifiGan, loader errors, RTF-size shapes."""
+"""HiFi-GAN: Flax generator vs transformers' SpeechT5HifiGan, loader errors, RTF-size shapes,
+export round trips."""
 
 import json
 
@@ -8,7 +9,7 @@ import pytest
 
 from spectron_jax.audio import hifigan
 from spectron_jax.audio.spectrogram import SpectrogramConfig
-from spectron_jax.convert import hf_hifigan
+from spectron_jax.convert import hf_hifigan, safetensors_io
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -116,11 +117,112 @@ def test_public_vocoder_size_shapes():
 @pytest.mark.slow
 def test_matches_transformers_at_public_size(tmp_path):
     """The full microsoft/speecht5_hifigan architecture (random weights), 20 frames."""
-    model = _save_hf(tmp_path, **{k: v for k, v in transformers.SpeechT5HifiGanConfig()
-                                  .to_dict().items() if k in SMALL})
+    model = _save_hf(
+        tmp_path,
+        **{k: v for k, v in transformers.SpeechT5HifiGanConfig().to_dict().items() if k in SMALL},
+    )
     vocoder = hf_hifigan.load_hf_hifigan(tmp_path, expected=SpectrogramConfig())
     log_mel = np.random.default_rng(0).normal(-2.0, 1.0, (1, 20, 80)).astype(np.float32)
     with torch.no_grad():
         expected = model(torch.from_numpy(log_mel)).numpy()
     np.testing.assert_allclose(np.asarray(vocoder(log_mel)), expected, atol=1e-4, rtol=0)
     assert np.abs(expected).std() > 0.05
+
+
+# ---------------------------------------------------------------------------------------------
+# Export (save_hf_hifigan): exact round trips, and transformers loads what we write.
+# ---------------------------------------------------------------------------------------------
+
+
+def _assert_same_tensors(before, after):
+    """Names, dtypes, shapes and bits."""
+    assert sorted(before) == sorted(after)
+    for name, value in before.items():
+        assert after[name].dtype == value.dtype and after[name].shape == value.shape, name
+        assert np.array_equal(after[name].view(np.uint32), value.view(np.uint32)), name
+
+
+def _hf_waveform(model, log_mel):
+    with torch.no_grad():
+        return model(torch.from_numpy(log_mel)).numpy()
+
+
+def test_hf_to_ours_to_hf_is_bit_exact(tmp_path):
+    model = _save_hf(tmp_path / "hf")
+    vocoder = hf_hifigan.load_hf_hifigan(tmp_path / "hf")
+    hf_hifigan.save_hf_hifigan(tmp_path / "out", vocoder.params, vocoder.config)
+
+    before = safetensors_io.read_tensors(tmp_path / "hf")
+    assert {"mean", "scale"} <= set(before)  # The normalisation buffers are round-tripped too.
+    _assert_same_tensors(before, safetensors_io.read_tensors(tmp_path / "out"))
+    original = safetensors_io.read_config(tmp_path / "hf")
+    exported = safetensors_io.read_config(tmp_path / "out")
+    for key in (*hf_hifigan._CONFIG_FIELDS, "model_type", "architectures", "dtype"):
+        assert exported[key] == original[key], key
+
+    reloaded = transformers.SpeechT5HifiGan.from_pretrained(tmp_path / "out").eval()
+    log_mel = np.random.default_rng(2).normal(-2.0, 1.0, (2, 9, 8)).astype(np.float32)
+    expected = _hf_waveform(model, log_mel)
+    assert np.abs(expected).std() > 0.05
+    np.testing.assert_array_equal(_hf_waveform(reloaded, log_mel), expected)
+
+
+@pytest.mark.parametrize("normalize_before", [True, False])
+def test_ours_to_hf_to_ours_is_bit_exact(tmp_path, normalize_before):
+    config = hifigan.HifiGanConfig(**{**SMALL, "normalize_before": normalize_before})
+    params = hifigan.init_params(config, jax.random.PRNGKey(3))
+    # init leaves mean 0 and scale 1: give the buffers values a dropped transpose would change.
+    params = dict(params, mean=np.linspace(-1, 1, 8, dtype=np.float32))
+    params["scale"] = np.linspace(0.5, 2, 8, dtype=np.float32)
+    hf_hifigan.save_hf_hifigan(tmp_path, params, config)
+
+    vocoder = hf_hifigan.load_hf_hifigan(tmp_path)
+    assert vocoder.config == config
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+        vocoder.params,
+        params,
+    )
+    # transformers computes what our generator computes on the exported weights.
+    model = transformers.SpeechT5HifiGan.from_pretrained(tmp_path).eval()
+    log_mel = np.random.default_rng(4).normal(-2.0, 1.0, (1, 11, 8)).astype(np.float32)
+    np.testing.assert_allclose(
+        np.asarray(vocoder(log_mel)), _hf_waveform(model, log_mel), atol=1e-4, rtol=0
+    )
+
+
+def test_weight_norm_checkpoint_exports_folded_plain_weights(tmp_path):
+    """g, v pairs come back as one plain `weight` each: what is and is not bit-exact."""
+    model = _save_hf(tmp_path / "hf", weight_norm=True)
+    vocoder = hf_hifigan.load_hf_hifigan(tmp_path / "hf")
+    hf_hifigan.save_hf_hifigan(tmp_path / "out", vocoder.params, vocoder.config)
+    before = safetensors_io.read_tensors(tmp_path / "hf")
+    after = safetensors_io.read_tensors(tmp_path / "out")
+    assert not any("parametrizations" in name for name in after)
+    # The effective (folded) weights of the weight-norm model, by plain name.
+    effective = {
+        f"{name}.weight": module.weight.detach().numpy()
+        for name, module in model.named_modules()
+        if hasattr(module, "parametrizations")
+    }
+    plain = {name for name in before if "parametrizations" not in name}
+    assert effective and sorted(after) == sorted(plain | set(effective))
+    for name, value in after.items():
+        if name in effective:  # float64 fold vs torch's float32 one: equal up to rounding.
+            np.testing.assert_allclose(value, effective[name], rtol=1e-6, atol=1e-7)
+        else:  # Biases, mean, scale: untouched by the fold.
+            assert np.array_equal(value.view(np.uint32), before[name].view(np.uint32)), name
+    reloaded = transformers.SpeechT5HifiGan.from_pretrained(tmp_path / "out").eval()
+    log_mel = np.random.default_rng(5).normal(-2.0, 1.0, (1, 9, 8)).astype(np.float32)
+    np.testing.assert_allclose(
+        _hf_waveform(reloaded, log_mel), _hf_waveform(model, log_mel), atol=1e-5, rtol=0
+    )
+
+
+def test_export_rejects_params_of_another_architecture(tmp_path):
+    config = hifigan.HifiGanConfig(**SMALL)
+    params = hifigan.init_params(config, jax.random.PRNGKey(0))
+    wider = hifigan.HifiGanConfig(**{**SMALL, "upsample_initial_channel": 32})
+    with pytest.raises(ValueError, match="conv_pre"):
+        hf_hifigan.save_hf_hifigan(tmp_path, params, wider)
+    assert not any(tmp_path.iterdir())

@@ -12,7 +12,7 @@ CONFIG = SpectrogramConfig()
 # each): max |TF - JAX| 1e-6 (both float32 FFTs); max |numpy - JAX/TF| 1.9e-4; max |librosa -
 # numpy| 9e-5 and |librosa - JAX/TF| 2.3e-4. The larger gaps sit only in near-floor bins, where
 # log10 turns the float32 FFT's absolute rounding (~1e-8 of a mel value of ~1e-5) into 1e-4.
-TF_JAX_ATOL = 1e-4  # Issue 2's requirement.
+TF_JAX_ATOL = 1e-4  # The bound the data pipeline and inference are held to.
 NUMPY_ATOL = 3e-4
 LIBROSA_ATOL = 4e-4
 MEAN_ATOL = 1e-5  # The mean |difference| over all bins: agreement is not only at the floor.

@@ -1,6 +1,6 @@
 """The model-FLOPs formula (benchmarks/flops.py) and the train-step benchmark's plumbing.
 
-The formula is checked against the issue's figure for the reference shape and against XLA's own
+The formula is checked against the reference shape's published figure and against XLA's own
 count (cost analysis of the compiled gradient), which counts every dot and convolution it runs.
 """
 
@@ -25,7 +25,12 @@ from spectron_jax.nn.conformer import ConformerConfig  # noqa: E402
 from spectron_jax.nn.decoder import Decoder, DecoderConfig  # noqa: E402
 
 SMALL = DecoderConfig(
-    vocab_size=256, num_layers=1, d_model=128, num_heads=2, num_kv_heads=2, head_dim=64,
+    vocab_size=256,
+    num_layers=1,
+    d_model=128,
+    num_heads=2,
+    num_kv_heads=2,
+    head_dim=64,
     mlp_dim=512,
 )
 
@@ -35,7 +40,7 @@ def _compiled_flops(fn, *args) -> float:
 
 
 def test_reference_shape_gives_the_issue_figure():
-    # Issue 4: "1,031 GFLOP per step with full attention" for this shape.
+    # 1,031 GFLOP per step with full attention for this shape (docs/PERFORMANCE.md).
     count = flops.decoder_train_flops(train_step.REFERENCE_DECODER, batch=8, length=512)
     block = 4 * 512 * 512 + 3 * 512 * 2048
     tokens = 8 * 512
@@ -66,12 +71,25 @@ def test_decoder_formula_matches_xla_count_of_the_gradient():
 
 def _spectron(frozen: bool) -> config_lib.SpectronConfig:
     encoder = ConformerConfig(
-        input_dim=80, stem="subsampling", subsampling_channels=16, hidden_dim=128, num_layers=1,
-        num_heads=2, mlp_dim=512, conv_kernel_size=7, causal_conv=False, position="rotary",
+        input_dim=80,
+        stem="subsampling",
+        subsampling_channels=16,
+        hidden_dim=128,
+        num_layers=1,
+        num_heads=2,
+        mlp_dim=512,
+        conv_kernel_size=7,
+        causal_conv=False,
+        position="rotary",
     )
     return config_lib.SpectronConfig(
-        decoder=SMALL, encoder=encoder, encoder_frozen=frozen, reduction_factor=2,
-        prenet_hidden_dim=64, postnet_hidden_dim=64, prenet_dropout=0.0,
+        decoder=SMALL,
+        encoder=encoder,
+        encoder_frozen=frozen,
+        reduction_factor=2,
+        prenet_hidden_dim=64,
+        postnet_hidden_dim=64,
+        prenet_dropout=0.0,
     )
 
 
@@ -84,8 +102,11 @@ def test_spectron_formula_matches_xla_count_frozen_and_trained(frozen):
     model = models.SpectronModel(config)
     shapes = {k: v.shape for k, v in data.items()}
     params = model.get_initial_variables(jax.random.key(0), shapes)["params"]
-    params = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
-                          is_leaf=lambda x: hasattr(x, "unbox"))
+    params = jax.tree.map(
+        lambda x: x.unbox() if hasattr(x, "unbox") else x,
+        params,
+        is_leaf=lambda x: hasattr(x, "unbox"),
+    )
 
     def loss(p):
         return model.loss_fn(p, data, jax.random.key(1))[0]

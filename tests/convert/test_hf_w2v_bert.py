@@ -1,14 +1,17 @@
-"""w2v-BERT 2.0 import: converted encoder vs transformers' Wav2Vec2BertModel (f32, 1e-4)."""
+"""w2v-BERT 2.0 import and export: our encoder vs transformers' Wav2Vec2BertModel (f32, 1e-4),
+bit-exact round trips."""
 
 import copy
+import dataclasses
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spectron_jax.convert import hf_w2v_bert
+from spectron_jax.convert import hf_w2v_bert, safetensors_io
 from spectron_jax.nn import conformer
 
 torch = pytest.importorskip("torch")
@@ -201,3 +204,110 @@ def test_matches_transformers_at_real_width(tmp_path):
     )
     valid = mask.astype(bool)
     np.testing.assert_allclose(np.asarray(hidden)[valid], expected[valid], atol=TOL, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Export.
+# ---------------------------------------------------------------------------------------------
+
+# Tensors the import drops on purpose and the export therefore never writes.
+DROPPED = {
+    # SpecAugment's learned mask vector: our SpecAugment masks input features without one.
+    "masked_spec_embed",
+}
+
+
+def _assert_same_tensors(before, after, dropped=frozenset()):
+    """Names, dtypes, shapes and bits of two tensor dicts, `dropped` names aside."""
+    assert dropped <= set(before) and not dropped & set(after)  # The exclusion is real.
+    assert sorted(set(before) - dropped) == sorted(after)
+    for name, value in after.items():
+        assert value.dtype == before[name].dtype, name
+        assert value.shape == before[name].shape, name
+        assert np.array_equal(value.view(np.uint8), before[name].view(np.uint8)), name
+
+
+def test_export_round_trip_is_bit_exact(converted, tmp_path):
+    """HF -> ours -> HF: every tensor the import reads comes back bit for bit."""
+    model, _, _ = converted
+    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    config, params = hf_w2v_bert.load_hf_w2v_bert(tmp_path / "hf")
+    base = safetensors_io.read_config(tmp_path / "hf")
+    hf_w2v_bert.save_hf_w2v_bert(tmp_path / "out", params, config, base_config=base)
+
+    _assert_same_tensors(
+        safetensors_io.read_tensors(tmp_path / "hf"),
+        safetensors_io.read_tensors(tmp_path / "out"),
+        dropped=DROPPED,
+    )
+    assert safetensors_io.read_config(tmp_path / "out") == {
+        **base,
+        "architectures": ["Wav2Vec2BertModel"],
+    }
+
+    # transformers loads the export (masked_spec_embed freshly initialised, unused in eval) and
+    # computes what the original model computes.
+    reloaded = transformers.Wav2Vec2BertModel.from_pretrained(tmp_path / "out").eval()
+    rng = np.random.default_rng(3)
+    features = rng.normal(size=(2, 20, 24)).astype(np.float32)
+    mask = (np.arange(20)[None, :] < np.array([[20], [11]])).astype(np.int32)
+    np.testing.assert_allclose(
+        _hf_hidden(reloaded, features, mask), _hf_hidden(model, features, mask), atol=TOL, rtol=0
+    )
+
+
+@pytest.mark.parametrize("position", ["relative_key", "none"])
+def test_our_params_export_and_load_back_exactly(tmp_path, position):
+    """Ours -> HF -> ours is the identity, and transformers computes what our encoder does."""
+    config = hf_w2v_bert.config_from_hf(_tiny_hf_config().to_dict(), position=position)
+    features = np.random.default_rng(5).normal(size=(2, 20, 24)).astype(np.float32)
+    mask = (np.arange(20)[None, :] < np.array([[20], [14]])).astype(np.int32)
+    encoder = conformer.ConformerEncoder(config)
+    # Boxed with logical axis names, as a training state holds them.
+    params = encoder.init(jax.random.PRNGKey(0), features, mask)["params"]
+    # Flax's init zeroes biases and the LayerNorm shifts: randomise so that none hides a swap.
+    leaves, tree = jax.tree_util.tree_flatten(params)  # The boxes stay in `tree`.
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    params = jax.tree_util.tree_unflatten(
+        tree,
+        [0.3 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)],
+    )
+    hf_w2v_bert.save_hf_w2v_bert(tmp_path, params, config)
+
+    again_config, again = hf_w2v_bert.load_hf_w2v_bert(tmp_path)
+    assert again_config == config
+    jax.tree_util.tree_map(np.testing.assert_array_equal, again, nn.unbox(params))
+    model = transformers.Wav2Vec2BertModel.from_pretrained(tmp_path).eval()
+    ours, _ = jax.jit(encoder.apply)({"params": params}, features, mask)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(
+        np.asarray(ours)[valid], _hf_hidden(model, features, mask)[valid], atol=TOL, rtol=0
+    )
+
+
+def test_bf16_export_keeps_bits(tmp_path, converted):
+    model, _, _ = converted
+    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(tmp_path / "hf")
+    config, params = hf_w2v_bert.load_hf_w2v_bert(tmp_path / "hf", param_dtype="bfloat16")
+    hf_w2v_bert.save_hf_w2v_bert(tmp_path / "out", params, config, max_shard_bytes=20_000)
+    assert (tmp_path / "out" / safetensors_io.INDEX_FILE).is_file()
+    _assert_same_tensors(
+        safetensors_io.read_tensors(tmp_path / "hf"),
+        safetensors_io.read_tensors(tmp_path / "out"),
+        dropped=DROPPED,
+    )
+    assert safetensors_io.read_config(tmp_path / "out")["dtype"] == "bfloat16"
+
+
+def test_export_rejects_what_hf_cannot_express(converted, tmp_path):
+    _, config, params = converted
+    for bad, match in [
+        (dict(stem="subsampling"), "stem='subsampling'"),
+        (dict(position="rotary"), "position='rotary'"),
+        (dict(causal_conv=False, norm_type="rms_norm"), "causal_conv=False.*norm_type"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            hf_w2v_bert.save_hf_w2v_bert(tmp_path, params, dataclasses.replace(config, **bad))
+    assert not any(tmp_path.iterdir())  # Nothing written.
+    with pytest.raises(ValueError, match="do not match the module"):
+        hf_w2v_bert.params_to_hf(params, dataclasses.replace(config, mlp_dim=48))

@@ -38,8 +38,11 @@ def _fake_generate(outputs):
         del loaded, decode_config, prompt_frames
         out = []
         for f in features:
-            key = next(k for k, (prompt, _, _) in outputs.items()
-                       if len(prompt) == len(f) and np.shares_memory(prompt, f))
+            key = next(
+                k
+                for k, (prompt, _, _) in outputs.items()
+                if len(prompt) == len(f) and np.shares_memory(prompt, f)
+            )
             _, text, frames = outputs[key]
             out.append(inference.Generation(text=text, frames=frames))
         return out
@@ -48,9 +51,9 @@ def _fake_generate(outputs):
 
 
 def _fake_loaded(config):
-    return inference.LoadedModel(
-        model=types.SimpleNamespace(config=config), params=None, vocabulary=None, step=5
-    )
+    # Special ids unlike the tiny vocabulary's (3, 1): decoding must take the model's.
+    model = types.SimpleNamespace(config=config, bos_id=7, eos_id=5)
+    return inference.LoadedModel(model=model, params=None, vocabulary=None, step=5)
 
 
 @pytest.fixture(scope="module")
@@ -75,17 +78,27 @@ def test_figures_on_known_cases(config, tmp_path, monkeypatch):
     ]
     outputs = {
         "a": (examples[0]["prompt_features"], "one two three four", p_a.astype(np.float32)),
-        "b": (examples[1]["prompt_features"], "five sex seven",
-              np.concatenate([r_b + 1.0, r_b[:2]]).astype(np.float32)),
-        "c": (examples[2]["prompt_features"], "what is the capital of brazil it is BRASILIA",
-              p_c[:10].astype(np.float32)),
-        "d": (examples[3]["prompt_features"], "what is the capital of france london",
-              p_d[:10].astype(np.float32)),
+        "b": (
+            examples[1]["prompt_features"],
+            "five sex seven",
+            np.concatenate([r_b + 1.0, r_b[:2]]).astype(np.float32),
+        ),
+        "c": (
+            examples[2]["prompt_features"],
+            "what is the capital of brazil it is BRASILIA",
+            p_c[:10].astype(np.float32),
+        ),
+        "d": (
+            examples[3]["prompt_features"],
+            "what is the capital of france london",
+            p_d[:10].astype(np.float32),
+        ),
     }
     monkeypatch.setattr(inference, "generate", _fake_generate(outputs))
     options = runner.EvalOptions(seconds=0.5, num_samples=2, batch_size=3)
-    result = runner.evaluate_examples(_fake_loaded(config), examples, tmp_path, options,
-                                      task="hand_made", split="test")
+    result = runner.evaluate_examples(
+        _fake_loaded(config), examples, tmp_path, options, task="hand_made", split="test"
+    )
 
     m = result.metrics
     assert m["num_examples"] == 4 and m["num_continuation_examples"] == 2
@@ -103,7 +116,8 @@ def test_figures_on_known_cases(config, tmp_path, monkeypatch):
     assert by_id["b"]["hyp_transcript"] == "five sex"
     assert by_id["b"]["hyp_continuation"] == "seven"
     assert by_id["b"]["dtw_l1"] == pytest.approx(
-        metrics.dtw_l1(outputs["b"][2], r_b.astype(np.float32)))
+        metrics.dtw_l1(outputs["b"][2], r_b.astype(np.float32))
+    )
     assert by_id["a"]["speaker_similarity"] == pytest.approx(1.0, abs=1e-5)
     assert by_id["c"]["qa_correct"] and not by_id["d"]["qa_correct"]
     assert "spectrogram_l1" not in by_id["c"]
@@ -113,6 +127,7 @@ def test_figures_on_known_cases(config, tmp_path, monkeypatch):
     assert data["metrics"] == report.jsonable(m)
     assert [r["id"] for r in data["examples"]] == ["a", "b", "c", "d"]
     assert data["task"] == "hand_made" and data["step"] == 5
+    assert (data["decode"]["bos_id"], data["decode"]["eos_id"]) == (7, 5)
     assert any("log-perplexity skipped" in n for n in data["notes"])
     md = (tmp_path / "report.md").read_text()
     assert "| prompt transcript WER (model's own text) (`transcript_wer`) | 0.0625 |" in md
@@ -123,7 +138,8 @@ def test_figures_on_known_cases(config, tmp_path, monkeypatch):
         assert (tmp_path / "samples" / name).stat().st_size > 0
     assert not (tmp_path / "samples" / "c.png").exists()
     assert _tensorboard_scalar(tmp_path / "tensorboard", "eval/hand_made/transcript_wer") == (
-        pytest.approx(1 / 16))
+        pytest.approx(1 / 16)
+    )
 
 
 def _tensorboard_scalar(logdir, tag):
@@ -135,8 +151,9 @@ def _tensorboard_scalar(logdir, tag):
             event = tf.compat.v1.Event.FromString(raw.numpy())
             for v in event.summary.value:
                 if v.tag == tag:
-                    values.append(float(tf.make_ndarray(v.tensor)) if v.HasField("tensor")
-                                  else v.simple_value)
+                    values.append(
+                        float(tf.make_ndarray(v.tensor)) if v.HasField("tensor") else v.simple_value
+                    )
     assert len(values) == 1, f"{tag}: {values}"
     return values[0]
 
@@ -154,8 +171,11 @@ def test_llama_questions_examples_score_as_qa(config, shared_data, tmp_path, mon
         assert ex["continuation_length"] == 0 and ex["prompt_features"].shape[1] == N_MELS
         assert isinstance(ex["prompt_text"], str) and ex["continuation_text"]
     outputs = {
-        ex["id"]: (ex["prompt_features"], f"{ex['prompt_text']} {ex['continuation_text']}",
-                   np.full((4, N_MELS), -3.0, np.float32))
+        ex["id"]: (
+            ex["prompt_features"],
+            f"{ex['prompt_text']} {ex['continuation_text']}",
+            np.full((4, N_MELS), -3.0, np.float32),
+        )
         for ex in examples
     }
     monkeypatch.setattr(inference, "generate", _fake_generate(outputs))
@@ -170,15 +190,42 @@ def test_spectron_eval_end_to_end(shared_data, tmp_path, capsys):
     model_dir = tmp_path / "model"
     make_tiny_checkpoint(model_dir)
     out = tmp_path / "eval"
-    code = cli.main(["eval", "--checkpoint", str(model_dir), "--task", "spectron_fsdd_counting",
-                     "--split", "test", "--out", str(out), "--max-examples", "2",
-                     "--batch-size", "2", "--seconds", "1", "--num-samples", "1",
-                     "--max-text-tokens", "8"])
+    code = cli.main(
+        [
+            "eval",
+            "--checkpoint",
+            str(model_dir),
+            "--task",
+            "spectron_fsdd_counting",
+            "--split",
+            "test",
+            "--out",
+            str(out),
+            "--max-examples",
+            "2",
+            "--batch-size",
+            "2",
+            "--seconds",
+            "1",
+            "--num-samples",
+            "1",
+            "--max-text-tokens",
+            "8",
+        ]
+    )
     assert code == 0
     assert "2 examples of spectron_fsdd_counting:test" in capsys.readouterr().out
     data = json.loads((out / "metrics.json").read_text())
-    for key in ("transcript_wer", "transcript_cer", "continuation_text_accuracy", "spectrogram_l1",
-                "spectrogram_l2", "mcd_db", "dtw_l1", "speaker_similarity"):
+    for key in (
+        "transcript_wer",
+        "transcript_cer",
+        "continuation_text_accuracy",
+        "spectrogram_l1",
+        "spectrogram_l2",
+        "mcd_db",
+        "dtw_l1",
+        "speaker_similarity",
+    ):
         assert isinstance(data["metrics"][key], float), key
     assert data["metrics"]["num_examples"] == 2 and data["step"] == 3
     assert data["decode"]["max_frames"] == inference.num_frames_for(tiny_inference_config(), 1.0)
@@ -201,25 +248,36 @@ def test_mel_stats_encoder_tells_speakers_apart(shared_data):
     spec = SpectrogramConfig()
     speakers = ["george", "jackson", "lucas", "theo"]
     mels = {
-        (s, d): spec.features_numpy(load_audio(
-            shared_data / "fsdd" / "recordings" / f"{d}_{s}_0.wav", spec.sample_rate)[0])
-        for s in speakers for d in range(3)
+        (s, d): spec.features_numpy(
+            load_audio(shared_data / "fsdd" / "recordings" / f"{d}_{s}_0.wav", spec.sample_rate)[0]
+        )
+        for s in speakers
+        for d in range(3)
     }
     encoder = MelStatsSpeakerEncoder().with_cohort(list(mels.values()))
     emb = {k: encoder.embed(v) for k, v in mels.items()}
-    same = [metrics.cosine_similarity(emb[s, a], emb[s, b])
-            for s in speakers for a, b in itertools.combinations(range(3), 2)]
-    different = [metrics.cosine_similarity(emb[s, d], emb[t, d])
-                 for s, t in itertools.combinations(speakers, 2) for d in range(3)]
+    same = [
+        metrics.cosine_similarity(emb[s, a], emb[s, b])
+        for s in speakers
+        for a, b in itertools.combinations(range(3), 2)
+    ]
+    different = [
+        metrics.cosine_similarity(emb[s, d], emb[t, d])
+        for s, t in itertools.combinations(speakers, 2)
+        for d in range(3)
+    ]
     # Different digits of one speaker are closer than one digit said by two speakers.
     assert np.mean(same) > np.mean(different) + 0.1
 
 
 def test_speaker_encoder_file_round_trip(tmp_path):
     rng = np.random.default_rng(0)
-    encoder = MelStatsSpeakerEncoder(num_coefficients=5, center=rng.normal(size=10),
-                                     scale=rng.uniform(1, 2, 10),
-                                     projection=rng.normal(size=(10, 3)))
+    encoder = MelStatsSpeakerEncoder(
+        num_coefficients=5,
+        center=rng.normal(size=10),
+        scale=rng.uniform(1, 2, 10),
+        projection=rng.normal(size=(10, 3)),
+    )
     encoder.save(tmp_path / "spk.npz")
     loaded = load_speaker_encoder(tmp_path / "spk.npz")
     mel = rng.normal(size=(40, 16))
@@ -242,13 +300,27 @@ def _tiny_gpt2(path):
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     words = ["<|endoftext|>", "[UNK]", "one", "two", "three", "four", "five"]
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(
-        {w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok = tokenizers.Tokenizer(
+        tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]")
+    )
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
-                                   eos_token="<|endoftext|>", unk_token="[UNK]")
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(words), n_positions=32, n_embd=16,
-                                       n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0))
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="[UNK]",
+    )
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(words),
+            n_positions=32,
+            n_embd=16,
+            n_layer=1,
+            n_head=2,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    )
     model.save_pretrained(path)
     fast.save_pretrained(path)
     return model, words
@@ -268,12 +340,22 @@ def _tiny_ctc_asr(path):
     letters = ["<pad>", "<s>", "</s>", "<unk>", "|", "o", "n", "e", "t", "w"]
     (path / "vocab.json").write_text(json.dumps({c: i for i, c in enumerate(letters)}))
     tokenizer = Wav2Vec2CTCTokenizer(str(path / "vocab.json"), word_delimiter_token="|")
-    Wav2Vec2Processor(feature_extractor=Wav2Vec2FeatureExtractor(sampling_rate=16_000),
-                      tokenizer=tokenizer).save_pretrained(path)
-    config = Wav2Vec2Config(vocab_size=len(letters), hidden_size=16, num_hidden_layers=1,
-                            num_attention_heads=2, intermediate_size=32, conv_dim=(8, 8),
-                            conv_stride=(5, 4), conv_kernel=(10, 4), num_conv_pos_embeddings=4,
-                            num_conv_pos_embedding_groups=2, pad_token_id=0)
+    Wav2Vec2Processor(
+        feature_extractor=Wav2Vec2FeatureExtractor(sampling_rate=16_000), tokenizer=tokenizer
+    ).save_pretrained(path)
+    config = Wav2Vec2Config(
+        vocab_size=len(letters),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        conv_dim=(8, 8),
+        conv_stride=(5, 4),
+        conv_kernel=(10, 4),
+        num_conv_pos_embeddings=4,
+        num_conv_pos_embedding_groups=2,
+        pad_token_id=0,
+    )
     Wav2Vec2ForCTC(config).save_pretrained(path)
 
 
@@ -313,13 +395,18 @@ def test_eval_with_local_asr_and_lm(config, local_models, tmp_path, monkeypatch)
     root = local_models[0]
     rng = np.random.default_rng(1)
     prompt, reference = rng.normal(-2, 1, (20, N_MELS)), rng.normal(-2, 1, (16, N_MELS))
-    examples = [_example("cont", "one two", "three", prompt, reference),
-                _example("qa", "one plus one", "two", prompt[:12], np.zeros((0, N_MELS)))]
-    outputs = {ex["id"]: (ex["prompt_features"], "one two three", reference.astype(np.float32))
-               for ex in examples}
+    examples = [
+        _example("cont", "one two", "three", prompt, reference),
+        _example("qa", "one plus one", "two", prompt[:12], np.zeros((0, N_MELS))),
+    ]
+    outputs = {
+        ex["id"]: (ex["prompt_features"], "one two three", reference.astype(np.float32))
+        for ex in examples
+    }
     monkeypatch.setattr(inference, "generate", _fake_generate(outputs))
-    options = runner.EvalOptions(seconds=0.2, num_samples=0, asr_dir=str(root / "asr"),
-                                 lm_dir=str(root / "gpt2"))
+    options = runner.EvalOptions(
+        seconds=0.2, num_samples=0, asr_dir=str(root / "asr"), lm_dir=str(root / "gpt2")
+    )
     result = runner.evaluate_examples(_fake_loaded(config), examples, tmp_path, options)
     cont, qa = result.examples
     assert isinstance(cont["asr_text"], str) and isinstance(qa["asr_text"], str)
@@ -344,7 +431,15 @@ def test_log_perplexity_is_guarded(tmp_path):
 
 
 def test_jsonable_is_strict_json():
-    value = {"a": np.float32(0.5), "b": math.nan, "c": [np.int64(2), np.bool_(True)],
-             "d": np.arange(2)}
+    value = {
+        "a": np.float32(0.5),
+        "b": math.nan,
+        "c": [np.int64(2), np.bool_(True)],
+        "d": np.arange(2),
+    }
     assert json.loads(json.dumps(report.jsonable(value), allow_nan=False)) == {
-        "a": 0.5, "b": None, "c": [2, True], "d": [0, 1]}
+        "a": 0.5,
+        "b": None,
+        "c": [2, True],
+        "d": [0, 1],
+    }

@@ -1,5 +1,5 @@
 """Speech samples while training (spectron_jax/evaluation/samples.py): the files and TensorBoard
-media they write, their figures against the decoder's own output, and train()'s periodic hook."""
+media they write, their figures against the decoder's own output, and train()'s evaluators."""
 
 from __future__ import annotations
 
@@ -12,41 +12,45 @@ import pytest
 import soundfile as sf
 import spectron_testing as st
 
+from spectron_jax import data
 from spectron_jax.evaluation import samples as samples_lib
 from spectron_jax.evaluation.metrics import dtw_l1
-from spectron_jax.models import SpectronModel
+from spectron_jax.interfaces import EvalContext, Evaluator
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "trainer"))
 
 
-class _WordVocab:
-    def decode(self, ids):
-        return " ".join(f"w{i}" for i in ids)
-
-
 @pytest.fixture(scope="module")
 def tiny():
+    """A random tiny model whose vocabulary writes id i as the word "w<i>"."""
     config = st.tiny_config()
     batch = st.random_batch(config, batch_size=2, num_groups=4)
-    return SpectronModel(config), st.init_params(config, batch), batch
+    return st.tiny_model(config), st.init_params(config, batch), batch
 
 
 @pytest.fixture
 def fake_task(tiny, monkeypatch):
-    """`speech_samples` reading `batch` as the first examples of any split of task 'task'."""
-    _, _, batch = tiny
+    """`SpeechSamples` reading `batch` as the first examples of any split of task 'task'."""
+    model, _, batch = tiny
     requests = []
 
-    def fake_seqio_dataset_fn(name, lengths, batch_size, split, shuffle, repeat):
-        requests.append((name, batch_size, split, shuffle, repeat))
+    def fake_seqio_dataset_fn(name, lengths, batch_size, *, model, split, shuffle, repeat):
+        requests.append((name, batch_size, model, split, shuffle, repeat))
         rows = {k: np.asarray(v)[:batch_size] for k, v in batch.items()}
         return lambda shard, num_shards, seed, skip: iter([rows] if split != "empty" else [])
 
-    import spectron_jax.train as train_lib
-
-    monkeypatch.setattr(train_lib, "seqio_dataset_fn", fake_seqio_dataset_fn)
-    monkeypatch.setattr(samples_lib, "task_vocabulary", lambda name: _WordVocab())
+    monkeypatch.setattr(data, "seqio_dataset_fn", fake_seqio_dataset_fn)
     return requests
+
+
+def _samples(**kwargs):
+    return samples_lib.SpeechSamples(mixture_or_task_name="task", task_feature_lengths={}, **kwargs)
+
+
+def _context(model, params, tmp_path, step, writer=None):
+    return EvalContext(
+        model=model, params=params, step=step, model_dir=str(tmp_path), writer=writer
+    )
 
 
 class _RecordingWriter:
@@ -68,17 +72,12 @@ def test_speech_samples_writes_wavs_png_and_tensorboard_media(tiny, fake_task, t
 
     model, params, batch = tiny
     writer = _RecordingWriter()
-    figures = samples_lib.speech_samples(
-        model=model,
-        params=params,
-        model_dir=str(tmp_path),
-        step=40,
-        writer=writer,
-        mixture_or_task_name="task",
-        task_feature_lengths={},
-        num_examples=2,
-    )
-    assert fake_task == [("task", 2, "validation", False, False)]
+    evaluator = _samples(num_examples=2)
+    assert isinstance(evaluator, Evaluator)
+    assert (evaluator.name, evaluator.every) == ("samples", 1000)
+    figures = evaluator.run(_context(model, params, tmp_path, 40, writer))
+    # The batches are the model's (its feature converter), in order, once.
+    assert fake_task == [("task", 2, model, "validation", False, False)]
 
     # Figures agree with the decoder's own output on the same prompts.
     decode = DecodeConfig(
@@ -108,41 +107,27 @@ def test_speech_samples_writes_wavs_png_and_tensorboard_media(tiny, fake_task, t
     assert image.dtype == np.uint8 and image.ndim == 4 and image.shape[-1] == 3
     audio, rate = writer.audios[(40, "samples/validation/generated")]
     assert audio.shape[0] == 2 and audio.shape[-1] == 1 and rate == cfg.sample_rate
-    assert "reference" in writer.texts[(40, "samples/validation/transcripts")]
+    transcripts = writer.texts[(40, "samples/validation/transcripts")]
+    assert "reference" in transcripts
+    # Texts are decoded with the model's own vocabulary.
+    assert "'w" in transcripts
 
 
 def test_speech_samples_on_an_empty_split_names_it(tiny, fake_task, tmp_path):
     model, params, _ = tiny
     with pytest.raises(ValueError, match="split 'empty' of task is empty"):
-        samples_lib.speech_samples(
-            model=model,
-            params=params,
-            model_dir=str(tmp_path),
-            step=1,
-            mixture_or_task_name="task",
-            task_feature_lengths={},
-            splits=("empty",),
-        )
+        _samples(splits=("empty",)).run(_context(model, params, tmp_path, 1))
 
 
 def test_speech_samples_reach_tensorboard_event_files(tiny, fake_task, tmp_path):
     """Through the trainer's real MetricsLogger: image and audio summaries land in the events."""
     import tensorflow as tf
 
-    from spectron_jax.metrics import MetricsLogger
+    from spectron_jax.summaries import MetricsLogger
 
     model, params, _ = tiny
     logger = MetricsLogger(str(tmp_path / "tb"), num_steps=10, peak_flops=1.0)
-    samples_lib.speech_samples(
-        model=model,
-        params=params,
-        model_dir=str(tmp_path),
-        step=3,
-        writer=logger,
-        mixture_or_task_name="task",
-        task_feature_lengths={},
-        num_examples=1,
-    )
+    _samples(num_examples=1).run(_context(model, params, tmp_path, 3, logger))
     logger.close()
     tags = set()
     for path in (tmp_path / "tb").glob("events.out.tfevents.*"):
@@ -152,31 +137,55 @@ def test_speech_samples_reach_tensorboard_event_files(tiny, fake_task, tmp_path)
     assert (3, "samples/validation/generated") in tags
 
 
-def test_train_calls_sample_fn_every_eval_every_steps_and_at_the_end(tmp_path):
+class _Probe:
+    """An evaluator that records the contexts it is run with."""
+
+    def __init__(self, name, every):
+        self.name, self.every, self.contexts = name, every, []
+
+    def run(self, context):
+        self.contexts.append(context)
+        return {"figure": float(context.step)}
+
+
+def _event_tags(logdir):
+    import tensorflow as tf
+
+    tags = set()
+    for path in pathlib.Path(logdir).glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            tags.update((event.step, v.tag) for v in event.summary.value)
+    return tags
+
+
+def test_train_runs_evaluators_every_n_steps_and_at_the_end(tmp_path):
     import tiny_model as tm
 
     from spectron_jax import partitioning, train
 
-    calls = []
-
-    def sample_fn(**kwargs):
-        calls.append(kwargs)
-        return {"validation/exact_match": 0.25}
-
+    every_two, at_end = _Probe("probe", 2), _Probe("final", 0)
+    dataset_fn = tm.make_dataset_fn(4)
     result = train.train(
         tm.TinyModel(),
-        tm.make_dataset_fn(4),
+        dataset_fn,
         str(tmp_path),
         5,
         mesh=partitioning.create_mesh(devices=jax.devices()[:1]),
-        eval_every=2,
         log_every=1,
-        sample_fn=sample_fn,
+        evaluators=[every_two, at_end],
     )
     assert result.step == 5
-    assert [c["step"] for c in calls] == [2, 4, 5]
-    assert set(calls[0]) == {"model", "params", "model_dir", "step", "writer"}
-    assert calls[-1]["model_dir"] == str(tmp_path)
+    # Every 2 steps, and once after the last step (5 is not a multiple of 2).
+    assert [c.step for c in every_two.contexts] == [2, 4, 5]
+    assert [c.step for c in at_end.contexts] == [5]
+    last = at_end.contexts[-1]
+    assert last.model_dir == str(tmp_path) and last.seed == 0
+    assert last.train_dataset_fn is dataset_fn
+    assert last.trainer is not None and last.mesh is not None and last.writer is not None
     np.testing.assert_array_equal(
-        jax.tree.leaves(calls[-1]["params"])[0], jax.tree.leaves(result.state.params)[0]
+        jax.tree.leaves(last.params)[0], jax.tree.leaves(result.state.params)[0]
     )
+    # Figures go to TensorBoard under each evaluator's name.
+    tags = _event_tags(tmp_path / "tensorboard")
+    assert {(2, "probe/figure"), (4, "probe/figure"), (5, "probe/figure")} <= tags
+    assert (5, "final/figure") in tags and (4, "final/figure") not in tags

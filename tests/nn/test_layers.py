@@ -34,9 +34,7 @@ def test_matches_flax_dense_general(features, axis, names, shape):
     params = nn.unbox(ours.init(jax.random.key(1), x))
     ref_shapes = jax.tree.map(jnp.shape, theirs.init(jax.random.key(1), x))
     assert jax.tree.map(jnp.shape, params) == ref_shapes
-    np.testing.assert_allclose(
-        ours.apply(params, x), theirs.apply(params, x), rtol=1e-6, atol=1e-6
-    )
+    np.testing.assert_allclose(ours.apply(params, x), theirs.apply(params, x), rtol=1e-6, atol=1e-6)
     # Fan-in over every contracted dim (truncated normal, variance 1 / fan_in).
     big = DenseGeneral(features=(32, 32), kernel_axes=("embed", "heads", "head_dim"))
     kernel = nn.unbox(big.init(jax.random.key(2), jnp.zeros((1, 128))))["params"]["kernel"]

@@ -11,6 +11,7 @@ from task_testing import TINY, check_contract
 
 from spectron_jax.audio.spectrogram import SpectrogramConfig, log_mel_numpy
 from spectron_jax.feature_converter import SpectronFeatureConverter
+from spectron_jax.vocabularies import special_ids
 from spectron_tasks import espeak, synthetic_counting, vocabulary
 
 CONFIG = SpectrogramConfig()
@@ -58,7 +59,10 @@ def test_examples_follow_the_contract(tiny_synthetic_task, split):
         # Transcripts are the SentencePiece ids of the texts, without EOS.
         assert ex["prompt_transcript"].tolist() == sp.encode(ex["prompt_text"].decode())
         assert ex["continuation_transcript"].tolist() == sp.encode(ex["continuation_text"].decode())
-        assert vocabulary.EOS_ID not in ex["continuation_transcript"].tolist()
+        assert (
+            special_ids(vocabulary.default_vocabulary()).eos_id
+            not in ex["continuation_transcript"].tolist()
+        )
         assert ex["speaker_id"].decode() in TINY.voices(split)
 
 
@@ -157,7 +161,8 @@ def test_feature_converter_on_the_real_task(tiny_synthetic_task):
         "continuation_transcript": 16,
         "continuation_frames": 299,
     }
-    converter = SpectronFeatureConverter(bos_id=vocabulary.BOS_ID, reduction_factor=4)
+    ids = special_ids(vocabulary.default_vocabulary())
+    converter = SpectronFeatureConverter(bos_id=ids.bos_id, eos_id=ids.eos_id, reduction_factor=4)
     examples = _examples(tiny_synthetic_task, "train")
     ds = converter(tiny_synthetic_task.get_dataset(None, split="train", shuffle=False), lengths)
     batch = next(ds.batch(len(examples)).as_numpy_iterator())
@@ -165,8 +170,8 @@ def test_feature_converter_on_the_real_task(tiny_synthetic_task):
     for b, ex in enumerate(examples):
         p, c = ex["prompt_transcript"].tolist(), ex["continuation_transcript"].tolist()
         n = len(p) + len(c) + 1
-        assert batch["decoder_input_tokens"][b, :n].tolist() == [vocabulary.BOS_ID] + p + c
-        assert batch["decoder_target_tokens"][b, :n].tolist() == p + c + [vocabulary.EOS_ID]
+        assert batch["decoder_input_tokens"][b, :n].tolist() == [ids.bos_id] + p + c
+        assert batch["decoder_target_tokens"][b, :n].tolist() == p + c + [ids.eos_id]
         assert batch["decoder_target_tokens"][b, n:].tolist() == [0] * (25 - n)
         assert batch["text_part"][b].tolist() == [1] * len(p) + [2] * (len(c) + 1) + [0] * (25 - n)
         np.testing.assert_array_equal(batch["decoder_loss_weights"][b], batch["text_part"][b] > 0)

@@ -10,13 +10,13 @@ import socket
 import subprocess
 import sys
 
+import gin
 import jax
 import numpy as np
 import pytest
 import tiny_model as tm
 
-import gin
-from spectron_jax import checkpoints, metrics, partitioning, train
+from spectron_jax import checkpoints, partitioning, summaries, train
 from spectron_jax import trainer as trainer_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -50,6 +50,7 @@ def test_run_gin_files_bind_train_and_leave_required_macros():
             train.parse_gin(
                 [str(REPO / "gin/runs/finetune.gin")],
                 [
+                    "MODEL = None",  # From a gin/models/*.gin file.
                     "MODEL_DIR = '/tmp/x'",
                     "TRAIN_STEPS = 7",
                     "BATCH_SIZE = 2",
@@ -138,7 +139,7 @@ def test_launch_scripts_dry_run(script, args, expect):
 
 def test_mfu_and_throughput_from_batch_masks(tmp_path):
     now = [0.0]
-    log = metrics.MetricsLogger(
+    log = summaries.MetricsLogger(
         str(tmp_path), num_steps=100, flops_per_step=1e9, peak_flops=1e10, clock=lambda: now[0]
     )
     log.start(0)
@@ -157,7 +158,7 @@ def test_mfu_and_throughput_from_batch_masks(tmp_path):
     assert out["perf/frames_per_sec"] == pytest.approx(6 * 10 / 2.0)
     assert list(tmp_path.glob("events.out.tfevents*"))
     # The CPU peak is measured, and plausible for a CPU (1 GFLOP/s .. 10 TFLOP/s).
-    assert 1e9 < metrics.measured_cpu_peak_flops(n=512, repeats=2) < 1e13
+    assert 1e9 < summaries.measured_cpu_peak_flops(n=512, repeats=2) < 1e13
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@
 
 MFU = model FLOPs per step / (step time x peak FLOP/s of all devices). The peak is a table per
 device kind (dense bf16 for accelerators); on CPU it is measured with a large f32 matmul, the
-same yardstick the speed targets in the issue use. Only process 0 writes.
+same yardstick the speed targets in docs/PERFORMANCE.md use. Only process 0 writes.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""End-of-run figures for counting tasks (the embedded default run), and its samples.
+"""The tiny run's end-of-run evaluation on the counting corpora (`synthetic_counting`), and
+its samples: the figures its targets are set in, beside the corpus they belong to.
 
 On each evaluation split (training voices `validation`, and `validation_unseen_voices`):
 
@@ -17,10 +18,13 @@ On each evaluation split (training voices `validation`, and `validation_unseen_v
       the mean frame (`dtw_l1_mean_frame`).
 
 L1 figures are pooled: mean |pred - target| over mel bins and every valid frame of the split.
-`counting_evaluation` (gin-configurable) runs all of this at the end of `train.train` (its
-`final_eval_fn`), prints the figures next to `CountingTargets`, writes `final_eval.json`, and
-writes Griffin-Lim WAVs and a spectrogram PNG of a few prompts to `<model_dir>/samples`
-(and to TensorBoard).
+`CountingEvaluator` (gin-configurable, an evaluator of `train.train` run once after the last
+step) computes all of this, prints the figures next to `CountingTargets`, writes
+`final_eval.json`, and writes Griffin-Lim WAVs and a spectrogram PNG of a few prompts to
+`<model_dir>/samples` (and to TensorBoard).
+
+Not imported by `spectron_tasks/__init__.py`: it imports the evaluation package, whose data
+module imports `spectron_tasks` (gin files import it by name).
 """
 
 from __future__ import annotations
@@ -34,13 +38,15 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import gin
+from spectron_jax import data
 from spectron_jax.evaluation.metrics import dtw_l1, normalize_text
-from spectron_jax.evaluation.samples import decode_batch, task_vocabulary, write_samples
+from spectron_jax.evaluation.samples import decode_batch, write_media, write_samples
+from spectron_jax.interfaces import EvalContext
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +57,7 @@ UNSEEN_SPLIT = "validation_unseen_voices"
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class CountingTargets:
-    """The figures the embedded default run must reach (issue 4); `unseen` = unseen voices.
+    """The figures the tiny run must reach (docs/RESULTS.md); `unseen` = unseen voices.
 
     Attributes:
       first_word: minimum first-number recognition accuracy.
@@ -321,36 +327,27 @@ def evaluate_split(
     return figures, samples
 
 
-@gin.configurable
-def counting_evaluation(
-    *,
-    model: Any,
-    params: Any,
-    model_dir: str,
-    step: int,
-    train_dataset_fn: Callable[..., Iterable[Mapping[str, Any]]],
-    seed: int = 0,
-    writer: Any = None,
-    mixture_or_task_name: str = gin.REQUIRED,
-    task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
-    splits: Sequence[str] = DEFAULT_SPLITS,
-    batch_size: int = 50,
-    max_examples: int = 200,
-    mean_frame_batches: int = 8,
-    num_dtw_examples: int = 64,
-    num_samples: int = 4,
-    targets: CountingTargets | None = None,
-) -> dict[str, float]:
-    """The end-of-run counting figures on every split (a `train.final_eval_fn`).
+# ------------------------------------------------------------------------------------------------
+# The evaluator.
+# ------------------------------------------------------------------------------------------------
 
-    Args:
-      model, params: the trained model and its parameters.
-      model_dir: `final_eval.json` and `samples/` go here.
-      step: the step the figures belong to.
-      train_dataset_fn: the run's training batches; the first `mean_frame_batches` give the
-        mean training frame of the baselines.
-      seed: decoding / pre-net dropout seed.
-      writer: a `metrics.MetricsLogger` for TensorBoard images and audio (optional).
+
+def mean_training_frame(
+    train_dataset_fn: Callable[..., Iterable[Mapping[str, Any]]], seed: int, num_batches: int
+) -> np.ndarray:
+    """float64[n_mels]: the mean valid frame of the first `num_batches` training batches (the
+    baselines' prediction)."""
+    batches = list(itertools.islice(train_dataset_fn(0, 1, seed, 0), num_batches))
+    frames = np.concatenate([b["target_frames"] for b in batches])
+    masks = np.concatenate([b["frame_mask"] for b in batches])
+    return mean_frame(frames, masks)
+
+
+@gin.configurable
+class CountingEvaluator:
+    """The counting figures on every split, once after the last step (`train.evaluators`).
+
+    Attributes:
       mixture_or_task_name, task_feature_lengths: the task and lengths the run trained on.
       splits: evaluation splits.
       batch_size: evaluation batch (divide the split size by it: the last partial batch is
@@ -360,62 +357,110 @@ def counting_evaluation(
       num_dtw_examples: examples of (d) per split (DTW is O(T^2) in Python).
       num_samples: examples per split written as WAVs and drawn in the PNG.
       targets: printed beside the figures; default `CountingTargets()`.
-
-    Returns:
-      Flat figures, `<split>/<name>`.
+      every: steps between evaluations; 0 = only after the last step.
+      name: TensorBoard prefix of the figures and media.
     """
-    from spectron_jax.train import seqio_dataset_fn
 
-    targets = targets or CountingTargets()
-    vocab = task_vocabulary(mixture_or_task_name)
-    train_batches = itertools.islice(train_dataset_fn(0, 1, seed, 0), mean_frame_batches)
-    train_batches = list(train_batches)
-    frames = [b["target_frames"] for b in train_batches]
-    masks = [b["frame_mask"] for b in train_batches]
-    mean = mean_frame(np.concatenate(frames), np.concatenate(masks))
+    def __init__(
+        self,
+        mixture_or_task_name: str = gin.REQUIRED,
+        task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
+        splits: Sequence[str] = DEFAULT_SPLITS,
+        batch_size: int = 50,
+        max_examples: int = 200,
+        mean_frame_batches: int = 8,
+        num_dtw_examples: int = 64,
+        num_samples: int = 4,
+        targets: CountingTargets | None = None,
+        every: int = 0,
+        name: str = "final",
+    ):
+        self.mixture_or_task_name = mixture_or_task_name
+        self.task_feature_lengths = dict(task_feature_lengths)
+        self.splits = tuple(splits)
+        self.batch_size = batch_size
+        self.max_examples = max_examples
+        self.mean_frame_batches = mean_frame_batches
+        self.num_dtw_examples = num_dtw_examples
+        self.num_samples = num_samples
+        self.targets = targets or CountingTargets()
+        self.every = every
+        self.name = name
 
-    config = model.config
-    is_log_mel = config.encoder_front_end == "log_mel"
-    per_split: dict[str, dict[str, float]] = {}
-    sample_dir = os.path.join(model_dir, "samples")
-    for split in splits:
-        make = seqio_dataset_fn(
-            mixture_or_task_name,
-            task_feature_lengths,
-            batch_size,
+    def split_batches(self, model: Any, split: str, seed: int) -> Iterable[Mapping[str, Any]]:
+        """The split in order, once, laid out by the model's feature converter."""
+        make = data.seqio_dataset_fn(
+            self.mixture_or_task_name,
+            self.task_feature_lengths,
+            self.batch_size,
+            model=model,
             split=split,
             shuffle=False,
             repeat=False,
         )
-        figures, samples = evaluate_split(
-            model,
-            params,
-            make(0, 1, seed, 0),
-            vocab.decode,
-            mean,
-            max_examples=max_examples,
-            num_dtw_examples=num_dtw_examples,
-            num_samples=num_samples,
-            seed=seed,
+        return make(0, 1, seed, 0)
+
+    def run(self, context: EvalContext) -> dict[str, float]:
+        """Every split's figures at `context.step`; writes `final_eval.json` and the samples.
+
+        The mean training frame comes from `context.train_dataset_fn`; decoding and pre-net
+        dropout use `context.seed`; texts are decoded with the model's vocabulary.
+
+        Returns:
+          Flat figures, `<split>/<name>`.
+        """
+        if context.train_dataset_fn is None:
+            raise ValueError("CountingEvaluator needs the run's train_dataset_fn (mean frame)")
+        model, seed = context.model, context.seed
+        mean = mean_training_frame(context.train_dataset_fn, seed, self.mean_frame_batches)
+        per_split: dict[str, dict[str, float]] = {}
+        for split in self.splits:
+            figures, samples = evaluate_split(
+                model,
+                context.params,
+                self.split_batches(model, split, seed),
+                model.vocabulary.decode,
+                mean,
+                max_examples=self.max_examples,
+                num_dtw_examples=self.num_dtw_examples,
+                num_samples=self.num_samples,
+                seed=seed,
+            )
+            per_split[split] = figures
+            if samples and jax.process_index() == 0:
+                self.write_samples(context, split, samples)
+        if jax.process_index() == 0:
+            self.write_report(context.model_dir, context.step, per_split)
+        return {f"{split}/{k}": v for split, figs in per_split.items() for k, v in figs.items()}
+
+    def write_samples(
+        self, context: EvalContext, split: str, samples: Sequence[Mapping[str, Any]]
+    ) -> None:
+        """WAVs and a PNG in `<model_dir>/samples`, and the same media in TensorBoard."""
+        config = context.model.config
+        media = write_samples(
+            samples,
+            os.path.join(context.model_dir, "samples"),
+            split,
+            config.spectrogram,
+            config.encoder_front_end == "log_mel",
         )
-        per_split[split] = figures
-        if samples and jax.process_index() == 0:
-            media = write_samples(samples, sample_dir, split, config.spectrogram, is_log_mel)
-            if writer is not None:
-                w = getattr(writer, "writer", writer)
-                w.write_images(step, {f"final/{split}/spectrograms": media["image"][None]})
-                w.write_audios(
-                    step,
-                    {f"final/{split}/generated": media["audio"]},
-                    sample_rate=config.spectrogram.sample_rate,
-                )
-    report = format_report(per_split, targets, step)
-    if jax.process_index() == 0:
-        print(report, flush=True)
+        write_media(
+            context.writer,
+            context.step,
+            f"{self.name}/{split}",
+            media,
+            config.spectrogram.sample_rate,
+        )
+
+    def write_report(
+        self, model_dir: str, step: int, per_split: Mapping[str, Mapping[str, float]]
+    ) -> None:
+        """Prints the figures beside the targets and writes them to `final_eval.json`."""
+        print(format_report(per_split, self.targets, step), flush=True)
         with open(os.path.join(model_dir, "final_eval.json"), "w", encoding="utf-8") as f:
             json.dump(
-                {"step": step, "figures": per_split, "targets": dataclasses.asdict(targets)},
+                {"step": step, "figures": per_split, "targets": dataclasses.asdict(self.targets)},
                 f,
                 indent=1,
             )
-    return {f"{split}/{k}": v for split, figs in per_split.items() for k, v in figs.items()}
