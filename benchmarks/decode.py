@@ -71,11 +71,12 @@ def random_params(config: config_lib.SpectronConfig, seed: int = 0):
     return jax.tree.map(fill, abstract)
 
 
-def make_batch(config, batch: int, prompt_frames: int, text_tokens: int, seed: int = 0):
+def make_batch(model, batch: int, prompt_frames: int, text_tokens: int, seed: int = 0):
+    config = model.config
     rng = np.random.default_rng(seed)
     vocab = config.decoder.vocab_size
     tokens = rng.integers(4, vocab, size=(batch, text_tokens + 1)).astype(np.int32)
-    tokens[:, 0] = 3  # BOS of the tiny vocabulary.
+    tokens[:, 0] = model.bos_id
     return {
         "encoder_features": rng.normal(
             size=(batch, prompt_frames, config.encoder_feature_dim)
@@ -111,7 +112,7 @@ def bench(name: str, args) -> dict[str, float]:
     params = random_params(config)
     fps = config.spectrogram.frames_per_second
     prompt_frames = round(args.prompt_s * fps)
-    batch = make_batch(config, args.batch, prompt_frames, args.text_tokens)
+    batch = make_batch(model, args.batch, prompt_frames, args.text_tokens)
     audio_s = args.frames / fps
     common = dict(max_text_tokens=args.text_tokens, max_frames=args.frames)
     forced = decoding.DecodeConfig(text_mode="forced", **common)

@@ -38,12 +38,14 @@ import pathlib
 from collections.abc import Sequence
 from typing import Any
 
+import gin
 import numpy as np
 
 from spectron_jax import inference
 from spectron_jax.evaluation import metrics, plots, report
 from spectron_jax.evaluation.speaker import MelStatsSpeakerEncoder, load_speaker_encoder
 from spectron_jax.evaluation.text import split_text
+from spectron_jax.interfaces import EvalContext
 from spectron_jax.nn.layers import ceil_div
 
 logger = logging.getLogger(__name__)
@@ -543,6 +545,59 @@ def _external_models(options: EvalOptions):
     return asr, lm
 
 
+@gin.configurable
+class TaskEvaluator:
+    """`spectron eval` as an `interfaces.Evaluator`: a task split decoded, scored and reported.
+
+    The same object evaluates a checkpoint (`evaluate`, the CLI) and the parameters of a run in
+    training (`train.evaluators`, every `every` steps and after the last one).
+
+    Attributes:
+      task, split: the seqio task and split to evaluate.
+      options: see `EvalOptions`.
+      out_dir: where the outputs go; None = `<model_dir>/eval/<task>-<split>/step_<step>`.
+      every: steps between evaluations in training; 0 = after the last step only.
+      name: TensorBoard prefix of the figures.
+      last_result: the `EvalResult` of the last run (figures, records, where they went).
+    """
+
+    def __init__(
+        self,
+        task: str = gin.REQUIRED,
+        split: str = "validation",
+        options: EvalOptions = EvalOptions(),
+        out_dir: str | os.PathLike | None = None,
+        every: int = 0,
+        name: str = "task_eval",
+    ):
+        self.task, self.split, self.options = task, split, options
+        self.out_dir, self.every, self.name = out_dir, every, name
+        self.last_result: EvalResult | None = None
+
+    def run(self, context: EvalContext) -> dict[str, float]:
+        """Evaluates `context.params`; returns the numeric figures (the rest is in files)."""
+        model = context.model
+        loaded = inference.LoadedModel(model, context.params, model.vocabulary, context.step)
+        out = self.out_dir or os.path.join(
+            context.model_dir, "eval", f"{self.task}-{self.split}", f"step_{context.step}"
+        )
+        examples = load_examples(self.task, self.split, self.options.max_examples)
+        self.last_result = evaluate_examples(
+            loaded,
+            examples,
+            out,
+            self.options,
+            task=self.task,
+            split=self.split,
+            checkpoint=str(context.model_dir),
+        )
+        return {
+            k: float(v)
+            for k, v in self.last_result.metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+
+
 def evaluate(
     checkpoint: str | os.PathLike,
     task: str,
@@ -552,13 +607,15 @@ def evaluate(
     *,
     vocabulary_path: str | None = None,
 ) -> EvalResult:
-    """Loads a checkpoint and the task split, then `evaluate_examples`.
+    """`TaskEvaluator` on the newest step of a checkpoint (what `spectron eval` runs).
 
     `vocabulary_path` overrides the vocabulary the checkpoint stores (needed for checkpoints
     written before they stored one).
     """
     loaded = inference.load_model_for_inference(checkpoint, vocabulary_path)
-    examples = load_examples(task, split, options.max_examples)
-    return evaluate_examples(
-        loaded, examples, out_dir, options, task=task, split=split, checkpoint=str(checkpoint)
+    evaluator = TaskEvaluator(task, split, options, out_dir=out_dir)
+    context = EvalContext(
+        model=loaded.model, params=loaded.params, step=loaded.step, model_dir=str(checkpoint)
     )
+    evaluator.run(context)
+    return evaluator.last_result

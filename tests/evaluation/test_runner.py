@@ -14,6 +14,7 @@ from spectron_jax import cli, inference
 from spectron_jax.evaluation import metrics, report, runner
 from spectron_jax.evaluation.perplexity import LocalLm, require_local_model_dir
 from spectron_jax.evaluation.speaker import MelStatsSpeakerEncoder, load_speaker_encoder
+from spectron_jax.interfaces import EvalContext, Evaluator
 
 N_MELS = 80
 
@@ -234,6 +235,31 @@ def test_spectron_eval_end_to_end(shared_data, tmp_path, capsys):
     assert "png" not in data["examples"][1]
     assert (out / "report.md").read_text().startswith("# Spectron evaluation")
     assert list((out / "tensorboard").glob("events.out.tfevents*"))
+
+
+def test_task_evaluator_in_training_equals_spectron_eval(shared_data, tmp_path):
+    """The evaluator `train()` runs gives the figures `spectron eval` writes for the same params."""
+    model_dir = tmp_path / "model"
+    make_tiny_checkpoint(model_dir)
+    options = runner.EvalOptions(max_examples=2, batch_size=2, seconds=1.0, num_samples=0)
+    cli_result = runner.evaluate(
+        model_dir, "spectron_fsdd_counting", "test", tmp_path / "a", options
+    )
+    loaded = inference.load_model_for_inference(model_dir)
+    evaluator = runner.TaskEvaluator("spectron_fsdd_counting", "test", options, every=10)
+    assert isinstance(evaluator, Evaluator)
+    context = EvalContext(
+        model=loaded.model, params=loaded.params, step=7, model_dir=str(tmp_path / "run")
+    )
+    figures = evaluator.run(context)
+    expected = {
+        k: v for k, v in cli_result.metrics.items() if isinstance(v, float | int) and v is not None
+    }
+    assert figures.keys() == {k for k, v in expected.items() if not isinstance(v, bool)}
+    for key, value in figures.items():
+        assert value == pytest.approx(expected[key], nan_ok=True), key
+    written = tmp_path / "run" / "eval" / "spectron_fsdd_counting-test" / "step_7" / "metrics.json"
+    assert json.loads(written.read_text())["step"] == 7
 
 
 # ------------------------------------------------------------------------------------------------
