@@ -10,6 +10,7 @@ import sys
 
 import flax
 import flax.linen as nn
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +20,6 @@ from flax import traverse_util
 from flax.linen import partitioning as flax_partitioning
 from jax.sharding import PartitionSpec
 
-import gin
 from spectron_jax import partitioning, t5x_adapter
 from spectron_jax.feature_converter import SpectronFeatureConverter
 from spectron_jax.models import SpectronModel, example_input_shapes
@@ -375,7 +375,14 @@ def test_t5x_train_runs_the_gin_file(tmp_path):
     # Output to a file, readable when the run fails.
     log = tmp_path / "t5x_train.log"
     with open(log, "w") as out:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-                              stdin=subprocess.DEVNULL, timeout=1200)
+        proc = subprocess.run(
+            cmd,
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            timeout=1200,
+        )
     assert proc.returncode == 0, log.read_text()[-4000:]
     assert list((tmp_path / "model").glob("checkpoint_2*")), log.read_text()[-2000:]
