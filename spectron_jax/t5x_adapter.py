@@ -45,7 +45,8 @@ import numpy as np
 import optax
 from flax.linen.partitioning import AxisMetadata
 
-from spectron_jax import vocabularies
+# At import: spectron_jax.data registers gin configurables, so not after gin locks.
+from spectron_jax import data, vocabularies
 from spectron_jax.config import SpectronConfig
 from spectron_jax.feature_converter import SpectronFeatureConverter
 from spectron_jax.models import INPUT_TYPES, SpectronModel
@@ -263,6 +264,39 @@ def spectron_t5x_model(
     return _adapter_class()(model, optimizer_def)
 
 
+def _check_task_vocabulary(cfg: Any, feature_converter_cls: Any) -> None:
+    """Raises ValueError when `cfg`'s task encodes its text with another vocabulary than the
+    model behind `feature_converter_cls` (`spectron_jax.data.check_task_vocabulary`).
+
+    T5X's train verifies vocabularies only for its `BaseTransformerModel`s; ours is not one, so
+    a task left on the tiny vocabulary would otherwise train silently with the wrong ids.
+    """
+    model = getattr(feature_converter_cls, "spectron_model", None)
+    if model is None:
+        return  # Not this adapter's converter: nothing to compare with.
+    task = cfg.mixture_or_task_name
+    data.check_task_vocabulary(getattr(task, "name", task), model)
+
+
+def get_dataset(cfg, shard_id, num_shards, feature_converter_cls, **kwargs):
+    """`t5x.utils.get_dataset` after `_check_task_vocabulary` (gin: `train.get_dataset_fn`)."""
+    from t5x import utils
+
+    _check_task_vocabulary(cfg, feature_converter_cls)
+    return utils.get_dataset(cfg, shard_id, num_shards, feature_converter_cls, **kwargs)
+
+
+def get_training_eval_datasets(cfg, shard_id, num_shards, eval_steps, feature_converter_cls, **kw):
+    """`t5x.utils.get_training_eval_datasets` after `_check_task_vocabulary`
+    (gin: `train.train_eval_get_dataset_fn`)."""
+    from t5x import utils
+
+    _check_task_vocabulary(cfg, feature_converter_cls)
+    return utils.get_training_eval_datasets(
+        cfg, shard_id, num_shards, eval_steps, feature_converter_cls, **kw
+    )
+
+
 # ------------------------------------------------------------------------------------------------
 # The BaseModel subclass (needs t5x; built on first use).
 # ------------------------------------------------------------------------------------------------
@@ -301,6 +335,8 @@ def _adapter_class() -> type:
                     )
                 return spectron.feature_converter(pack=False, **kw)
 
+            # For get_dataset / get_training_eval_datasets, which T5X hands only this callable.
+            feature_converter_cls.spectron_model = spectron
             self.FEATURE_CONVERTER_CLS = feature_converter_cls
 
         @property

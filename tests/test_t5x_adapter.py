@@ -1,5 +1,14 @@
 """The T5X adapter: params_axes, axis rules, frozen-encoder optimizer and gin file without t5x;
-the BaseModel subclass and T5X's own train-state/partitioner plumbing where t5x imports."""
+the BaseModel subclass and T5X's own train-state/partitioner plumbing where t5x imports.
+
+T5X is not on PyPI. Point `SPECTRON_T5X_SRC` at its source, and at the sources it needs that are
+not on PyPI either (airio, jestimator), joined with os.pathsep; this module puts them on sys.path
+(after the installed packages) and on the PYTHONPATH of the `python -m t5x.train` runs:
+
+    SPECTRON_T5X_SRC=/src/t5x:/src/airio:/src/jestimator pytest -m slow tests/test_t5x_adapter.py
+
+Without t5x the tests that need it skip.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +35,20 @@ from spectron_jax.models import SpectronModel, example_input_shapes
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 T5X_GIN = "gin/t5x/spectron_tiny.gin"
+T5X_PRETRAIN_GIN = "t5x/configs/runs/pretrain.gin"
+T5X_SKIP_REASON = (
+    "t5x is not importable: set SPECTRON_T5X_SRC to the sources of t5x, airio and jestimator "
+    "(os.pathsep-joined) to run T5X's trainer"
+)
+
+
+def _t5x_src_paths() -> list[str]:
+    """The source folders of SPECTRON_T5X_SRC (os.pathsep-joined), in order."""
+    return [p for p in os.environ.get("SPECTRON_T5X_SRC", "").split(os.pathsep) if p]
+
+
+# In-process tests import t5x from the same sources the t5x.train runs use.
+sys.path.extend(p for p in _t5x_src_paths() if p not in sys.path)
 # Names only T5X defines (ours and those of its runs/pretrain.gin): skipped when t5x is absent.
 T5X_SELECTORS = [
     "partitioning.PjitPartitioner",
@@ -47,6 +70,74 @@ def _t5x_importable() -> bool:
     except ImportError:
         return False
     return True
+
+
+def _t5x_gin_root() -> str | None:
+    """The folder holding T5X's `t5x/configs/runs/pretrain.gin`: a SPECTRON_T5X_SRC entry, else
+    the installed t5x package's parent; None where neither has it."""
+    import importlib.util
+
+    roots = list(_t5x_src_paths())
+    try:
+        spec = importlib.util.find_spec("t5x")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.origin:
+        roots.append(str(pathlib.Path(spec.origin).resolve().parents[1]))
+    return next((r for r in roots if (pathlib.Path(r) / T5X_PRETRAIN_GIN).is_file()), None)
+
+
+def _t5x_subprocess_env(*extra_paths, **variables) -> dict[str, str]:
+    """The environment of a `python -m t5x.train` run: SPECTRON_T5X_SRC's folders (and
+    `extra_paths`) before the caller's PYTHONPATH, and one CPU device, as a user runs it:
+    tests/conftest.py's 8 fake devices would give T5X's partitioner a (data 1, model 8) mesh
+    that the tiny model's 2 KV heads cannot split (and t5x.train then hangs at exit on its
+    checkpoint threads instead of returning)."""
+    paths = [*_t5x_src_paths(), *map(str, extra_paths)]
+    if os.environ.get("PYTHONPATH"):
+        paths.append(os.environ["PYTHONPATH"])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths), **variables)
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+def _run_t5x_train(tmp_path, *args, extra_paths=(), **variables) -> str:
+    """Runs `python -m t5x.train` on gin/t5x/spectron_tiny.gin for 2 steps of batch 4 into
+    `tmp_path / "model"`, with `args` after the defaults; returns its log and asserts success
+    and a step-2 checkpoint."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "t5x.train",
+        f"--gin_search_paths={REPO}",
+        f"--gin_file={T5X_GIN}",
+        f"--gin.MODEL_DIR='{tmp_path / 'model'}'",
+        "--gin.TRAIN_STEPS=2",
+        "--gin.WARMUP_STEPS=1",
+        "--gin.BATCH_SIZE=4",
+        "--gin.train.eval_period=2",
+        "--gin.train.eval_steps=1",
+        "--gin.utils.SaveCheckpointConfig.period=2",
+        *args,
+    ]
+    env = _t5x_subprocess_env(*extra_paths, **variables)
+    # Output to a file, readable when the run fails.
+    log = tmp_path / "t5x_train.log"
+    with open(log, "w") as out:
+        proc = subprocess.run(
+            cmd,
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            timeout=1200,
+        )
+    text = log.read_text()
+    assert proc.returncode == 0, text[-4000:]
+    checkpoints = sorted(p.name for p in (tmp_path / "model").glob("checkpoint_*"))
+    assert "checkpoint_2" in checkpoints, (checkpoints, text[-2000:])
+    return text
 
 
 def _tiny_config(**overrides):
@@ -205,12 +296,13 @@ def test_frozen_encoder_transform_keeps_encoder_out():
 
 
 def _parse_t5x_gin(tmp_path, bindings=()):
-    """Parses gin/t5x/spectron_tiny.gin; T5X's pretrain.gin comes from SPECTRON_T5X_SRC when set,
-    else from a stand-in that declares the macros T5X's file declares as required."""
-    src = os.environ.get("SPECTRON_T5X_SRC")
+    """Parses gin/t5x/spectron_tiny.gin; T5X's pretrain.gin comes from SPECTRON_T5X_SRC or the
+    installed t5x when found, else from a stand-in that declares the macros T5X's file declares
+    as required."""
+    root = _t5x_gin_root()
     search = [str(REPO)]
-    if src:
-        search.insert(0, src)
+    if root:
+        search.insert(0, root)
     else:
         stub = tmp_path / "t5x" / "configs" / "runs"
         stub.mkdir(parents=True)
@@ -350,39 +442,135 @@ def test_adapter_loss_and_score_match_the_model(tiny_config):
 @pytest.mark.slow
 def test_t5x_train_runs_the_gin_file(tmp_path):
     """`python -m t5x.train --gin_file=gin/t5x/spectron_tiny.gin` for a few steps."""
-    src = os.environ.get("SPECTRON_T5X_SRC")
-    if not src:
-        pytest.skip("set SPECTRON_T5X_SRC to a t5x checkout to run T5X's trainer")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
-    cmd = [
-        sys.executable,
-        "-m",
-        "t5x.train",
-        f"--gin_search_paths={REPO}",
-        f"--gin_file={T5X_GIN}",
-        f"--gin.MODEL_DIR='{tmp_path / 'model'}'",
-        "--gin.TRAIN_STEPS=2",
-        "--gin.WARMUP_STEPS=1",
-        "--gin.BATCH_SIZE=4",
-        "--gin.train.eval_period=2",
-        "--gin.train.eval_steps=1",
-        "--gin.utils.SaveCheckpointConfig.period=2",
+    pytest.importorskip("t5x", reason=T5X_SKIP_REASON)
+    _run_t5x_train(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------
+# A Gemma-layout vocabulary (pad 0, eos 1, bos 2, unk 3) through the adapter and t5x.train.
+# ------------------------------------------------------------------------------------------------
+
+GEMMA_BOS, GEMMA_EOS, GEMMA_UNK = 2, 1, 3
+
+
+@pytest.fixture(scope="module")
+def gemma_vocab_path(tmp_path_factory) -> str:
+    import t5x_bos2_task
+
+    return t5x_bos2_task.train_gemma_style_vocabulary(
+        tmp_path_factory.mktemp("gemma_vocab") / "gemma_style.model"
+    )
+
+
+def _gemma_vocab_bindings(vocab_path: str) -> list[tuple[str, str]]:
+    """(name, value) gin overrides: the model's vocabulary and the task encoded with it."""
+    import t5x_bos2_task
+
+    return [
+        ("t5x_adapter.spectron_t5x_model.vocabulary", "@spectron.vocabulary()"),
+        ("spectron.vocabulary.path", repr(str(vocab_path))),
+        ("MIXTURE_OR_TASK_NAME", repr(t5x_bos2_task.TASK)),
     ]
-    # One CPU device, as a user runs it: tests/conftest.py's 8 fake devices would give T5X's
-    # partitioner a (data 1, model 8) mesh that the tiny model's 2 KV heads cannot split (and
-    # t5x.train then hangs at exit on its checkpoint threads instead of returning).
-    env.pop("XLA_FLAGS", None)
-    # Output to a file, readable when the run fails.
-    log = tmp_path / "t5x_train.log"
-    with open(log, "w") as out:
-        proc = subprocess.run(
-            cmd,
-            cwd=REPO,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            timeout=1200,
-        )
-    assert proc.returncode == 0, log.read_text()[-4000:]
-    assert list((tmp_path / "model").glob("checkpoint_2*")), log.read_text()[-2000:]
+
+
+def _assert_gemma_layout(batch, vocab_size: int):
+    """Every decoder input starts with Gemma's BOS; each target row holds one EOS; no UNK."""
+    inputs = np.asarray(batch["decoder_input_tokens"])
+    targets = np.asarray(batch["decoder_target_tokens"])
+    np.testing.assert_array_equal(inputs[:, 0], GEMMA_BOS)
+    assert not (inputs[:, 1:] == GEMMA_BOS).any(), inputs
+    np.testing.assert_array_equal((targets == GEMMA_EOS).sum(axis=1), 1)
+    assert not (inputs == GEMMA_UNK).any() and not (targets == GEMMA_UNK).any(), (inputs, targets)
+    assert inputs.max() < vocab_size and targets.max() < vocab_size
+    # 2 + 2 one-piece words, then EOS: the targets are the inputs shifted by one.
+    n_text = np.asarray(batch["decoder_loss_weights"]).sum(axis=1).astype(int)
+    np.testing.assert_array_equal(n_text, 5)
+    np.testing.assert_array_equal(targets[:, :4], inputs[:, 1:5])
+    np.testing.assert_array_equal(targets[:, 4], GEMMA_EOS)
+
+
+def test_adapter_takes_special_ids_from_a_gemma_vocabulary(tiny_config, gemma_vocab_path):
+    pytest.importorskip("t5x")
+    from spectron_jax import vocabularies
+
+    vocab = vocabularies.vocabulary(gemma_vocab_path)
+    assert vocab.tokenizer.bos_id() == GEMMA_BOS and vocab.tokenizer.unk_id() == GEMMA_UNK
+    optimizer = t5x_adapter.spectron_t5x_optimizer(tiny_config, optax.adamw(1e-3))
+    model = t5x_adapter.spectron_t5x_model(tiny_config, optimizer, vocabulary=vocab)
+    assert model.input_vocabulary is vocab and model.output_vocabulary is vocab
+    assert model.spectron.vocabulary is vocab
+    assert (model.spectron.bos_id, model.spectron.eos_id) == (GEMMA_BOS, GEMMA_EOS)
+    converter = model.FEATURE_CONVERTER_CLS(pack=False, use_custom_packing_ops=False)
+    assert isinstance(converter, SpectronFeatureConverter)
+    assert (converter.bos_id, converter.eos_id) == (GEMMA_BOS, GEMMA_EOS)
+    assert converter.reduction_factor == tiny_config.reduction_factor
+    # Explicit ids win over the vocabulary's.
+    model = t5x_adapter.spectron_t5x_model(tiny_config, optimizer, vocabulary=vocab, bos_id=7)
+    converter = model.FEATURE_CONVERTER_CLS(pack=False, use_custom_packing_ops=False)
+    assert (converter.bos_id, converter.eos_id) == (7, GEMMA_EOS)
+    # The default stays the shipped tiny vocabulary (bos 3), the gin file's tasks' own.
+    model = t5x_adapter.spectron_t5x_model(tiny_config, optimizer)
+    assert vocabularies.vocabulary_file(model.input_vocabulary) == vocabularies.TINY_SPM_PATH
+    assert model.FEATURE_CONVERTER_CLS(pack=False).bos_id == 3
+
+
+@pytest.mark.slow
+def test_t5x_train_with_a_gemma_vocabulary_starts_batches_with_bos_2(tmp_path, gemma_vocab_path):
+    """gin/t5x/spectron_tiny.gin with the model's vocabulary overridden on the command line by a
+    Gemma-layout SentencePiece model and a task encoded with it: the model the gin file builds,
+    its converter's batches and the batches t5x.train trains on all start with BOS 2."""
+    pytest.importorskip("t5x", reason=T5X_SKIP_REASON)
+    import seqio
+    import t5x_bos2_task
+
+    from spectron_jax import vocabularies
+
+    cache = tmp_path / "cache"
+    t5x_bos2_task.register(gemma_vocab_path, str(cache))
+    bindings = _gemma_vocab_bindings(gemma_vocab_path)
+
+    # In-process: the gin file + the same overrides build the adapter over the Gemma vocabulary;
+    # its converter (called as t5x.utils.get_dataset calls it) lays out the task's batches.
+    try:
+        _parse_t5x_gin(tmp_path, [f"{name} = {value}" for name, value in bindings])
+        model = gin.query_parameter("%MODEL").scoped_configurable_fn()
+        lengths = gin.query_parameter("%TASK_FEATURE_LENGTHS")
+        assert gin.query_parameter("%MIXTURE_OR_TASK_NAME") == t5x_bos2_task.TASK
+    finally:
+        gin.clear_config()
+    assert isinstance(model, t5x_adapter.SpectronT5XModel)
+    assert vocabularies.vocabulary_file(model.input_vocabulary) == gemma_vocab_path
+    task = seqio.get_mixture_or_task(t5x_bos2_task.TASK)
+    for feature in ("prompt_transcript", "continuation_transcript"):
+        assert task.output_features[feature].vocabulary == model.output_vocabulary
+    converter = model.FEATURE_CONVERTER_CLS(pack=False, use_custom_packing_ops=False)
+    assert (converter.bos_id, converter.eos_id) == (GEMMA_BOS, GEMMA_EOS)
+    ds = seqio.get_dataset(
+        t5x_bos2_task.TASK,
+        task_feature_lengths=dict(lengths),
+        feature_converter=converter,
+        dataset_split="train",
+        batch_size=8,
+    )
+    batch = next(ds.as_numpy_iterator())
+    assert batch["decoder_input_tokens"].shape[0] == 8
+    _assert_gemma_layout(batch, model.output_vocabulary.vocab_size)
+
+    # t5x.train, the overrides as --gin. flags; tests/t5x_bos2_task.gin registers the task in
+    # the trainer's process and records the first batch its get_dataset_fn returns.
+    batch_log = tmp_path / "first_train_batch.npz"
+    _run_t5x_train(
+        tmp_path,
+        "--gin_file=tests/t5x_bos2_task.gin",
+        *(f"--gin.{name}={value}" for name, value in bindings),
+        extra_paths=[REPO / "tests"],
+        **{
+            t5x_bos2_task.ENV_VOCAB: gemma_vocab_path,
+            t5x_bos2_task.ENV_CACHE: str(cache),
+            t5x_bos2_task.ENV_BATCH_LOG: str(batch_log),
+        },
+    )
+    with np.load(batch_log) as recorded:
+        recorded = dict(recorded)
+    assert recorded["decoder_input_tokens"].shape[0] == 4  # --gin.BATCH_SIZE=4, one device
+    _assert_gemma_layout(recorded, model.output_vocabulary.vocab_size)
