@@ -49,7 +49,8 @@ setuptools.setup(
     ],
     extras_require={
         # Test-only: librosa as the spectrogram reference; torch (CPU build pinned in
-        # constraints.txt) + transformers for weight-conversion parity tests.
+        # constraints.txt) + transformers for weight-conversion parity tests; PocketSphinx (a
+        # binary wheel with its model) for the judge tests.
         "test": [
             "pytest>=8",
             "pytest-xdist>=3",
@@ -57,6 +58,17 @@ setuptools.setup(
             "librosa>=0.10",
             "torch>=2.4",
             "transformers>=4.50",
+            "pocketsphinx>=5.0,<6",
+        ],
+        # `spectron eval --judges` (spectron_jax/evaluation/judges.py): pretrained judges whose
+        # weights ship inside their wheels. Resemblyzer needs torch (install with the test extra
+        # or a CPU torch first, or pip takes the default CUDA build) and webrtcvad, which is
+        # built from source (a C compiler) and reads its version through pkg_resources, gone
+        # from setuptools 82.
+        "judges": [
+            "pocketsphinx>=5.0,<6",
+            "resemblyzer>=0.1.4,<0.2",
+            "setuptools>=68,<82",
         ],
     },
     entry_points={

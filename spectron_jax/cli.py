@@ -4,6 +4,10 @@
     spectron ask      --checkpoint DIR --audio question.wav --out answer.wav
     spectron eval     --checkpoint DIR --task spectron_fsdd_counting --split test --out DIR
 
+A model with a stop head ends its speech by itself: `--seconds` is then the longest it may
+speak, `--stop-threshold` the stop probability that ends it, and `--fixed-duration` generates
+exactly `--seconds` instead (what a model without a stop head always does).
+
 `continue` and `ask` print the model's transcript of the prompt and its text continuation (or
 answer), and write the generated speech. `--audio` may also be a folder (every .wav/.flac/.ogg in
 it) or a .txt list of paths (one a line, relative to the list; `#` comments); `--out` (and
@@ -88,19 +92,20 @@ class Outcome:
 
 
 def _decode_config(args: argparse.Namespace, loaded, seconds: float):
-    """The decode options of `continue` / `ask`; BOS / EOS are the checkpoint model's."""
-    from spectron_jax import decoding, inference
+    """The decode options of `continue` / `ask`; BOS / EOS are the checkpoint model's, and a
+    stop head ends the speech unless `--fixed-duration`."""
+    from spectron_jax import inference
 
-    return decoding.DecodeConfig(
+    return inference.decode_config(
+        loaded,
+        seconds,
+        fixed_duration=args.fixed_duration,
         max_text_tokens=args.max_text_tokens,
-        max_frames=inference.num_frames_for(loaded.config, seconds),
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
-        use_stop_logit=args.stop and loaded.config.stop_head,
+        stop_threshold=args.stop_threshold,
         seed=args.seed,
-        bos_id=loaded.model.bos_id,
-        eos_id=loaded.model.eos_id,
     )
 
 
@@ -154,10 +159,13 @@ def run_speech(args: argparse.Namespace, mode: str) -> int:
             png_path = png / f"{name}.png" if is_batch else png
             prompt_mel = config.spectrogram.features_numpy(waveform)
             save_spectrogram_png(png_path, prompt_mel, gen.frames, title=str(path))
+        ended = ""
+        if decode_config.use_stop_logit:
+            ended = ", ended by the model" if gen.stopped else ", the maximum: no stop"
         tqdm.write(
             f"{path}\n  transcript:   {outcome.transcript}\n  {label + ':':<13} "
             f"{outcome.continuation}\n  audio:        {wav_path} "
-            f"({len(gen.frames) / config.spectrogram.frames_per_second:.2f} s)"
+            f"({len(gen.frames) / config.spectrogram.frames_per_second:.2f} s{ended})"
         )
     return _summarise(outcomes, mode)
 
@@ -178,8 +186,14 @@ def _summarise(outcomes: Sequence[Outcome], mode: str) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from spectron_jax.evaluation import runner
+    from spectron_jax.evaluation import judges, runner
 
+    if args.judges:
+        try:  # Before any decoding: a missing extra is a one-line error, not a lost run.
+            judges.check_installed()
+        except ImportError as err:
+            print(f"spectron eval: error: {err}", file=sys.stderr)
+            return 2
     options = runner.EvalOptions(
         seconds=args.seconds,
         max_examples=args.max_examples,
@@ -191,7 +205,11 @@ def run_eval(args: argparse.Namespace) -> int:
         speaker_encoder=args.speaker_encoder,
         asr_dir=args.asr_dir,
         lm_dir=args.lm_dir,
+        judges=args.judges,
+        asr_words=args.asr_words,
         seed=args.seed,
+        fixed_duration=args.fixed_duration,
+        stop_threshold=args.stop_threshold,
     )
     result = runner.evaluate(
         args.checkpoint, args.task, args.split, args.out, options, vocabulary_path=args.vocab
@@ -222,17 +240,26 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocoder-dir", default=None, help="local HF SpeechT5HifiGan folder")
     p.add_argument("--max-text-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--fixed-duration",
+        action="store_true",
+        help="generate exactly --seconds of speech even when the model has a stop head",
+    )
+    p.add_argument(
+        "--stop-threshold",
+        type=float,
+        default=0.5,
+        help="stop probability that ends the speech (models with a stop head)",
+    )
 
 
 def _sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument(
-        "--stop",
-        action="store_true",
-        help="end speech at the learned stop logit (models with a stop head)",
-    )
+    # The stop logit is the default now; `--stop` still parses (a no-op) so that older command
+    # lines do not fail or, abbreviated, turn into `--stop-threshold`.
+    p.add_argument("--stop", action="store_true", help=argparse.SUPPRESS)
     p.add_argument(
         "--transcript",
         default=None,
@@ -255,7 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling(cont)
     cont.add_argument("--audio", required=True, help="a speech file, a folder, or a .txt list")
     cont.add_argument("--out", required=True, help="output .wav (a folder for a batch)")
-    cont.add_argument("--seconds", type=float, default=3.0, help="speech to generate")
+    cont.add_argument(
+        "--seconds",
+        type=float,
+        default=3.0,
+        help="speech to generate (the most, when the model has a stop head)",
+    )
     cont.add_argument(
         "--png",
         default=None,
@@ -280,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--seconds",
         type=float,
         default=None,
-        help="speech to generate (default: the reference continuation's length)",
+        help="speech to generate, the most with a stop head (default: the longest reference "
+        "continuation, 1.5 times it with a stop head)",
     )
     ev.add_argument("--num-samples", type=int, default=4, help="examples saved as PNG + WAV")
     ev.add_argument("--batch-size", type=int, default=8)
@@ -291,6 +324,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--asr-dir", default=None, help="local HF ASR model (log-perplexity)")
     ev.add_argument("--lm-dir", default=None, help="local HF GPT-2 model (log-perplexity)")
+    ev.add_argument(
+        "--judges",
+        action="store_true",
+        help="also score the audio with pretrained judges (PocketSphinx ASR, Resemblyzer "
+        'speaker encoder; pip install -e ".[judges]")',
+    )
+    ev.add_argument(
+        "--asr-words",
+        default=None,
+        help="vocabulary of the judge ASR: 'numbers' (zero..ninety nine), 'references' (the "
+        "split's words), a word-list file, or comma-separated words (default: any English)",
+    )
     return parser
 
 

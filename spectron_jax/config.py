@@ -48,7 +48,9 @@ class SpectronConfig:
       prenet_dropout: pre-net dropout rate (Tacotron 2: 0.5).
       prenet_dropout_at_inference: keep pre-net dropout on outside training.
       postnet_hidden_dim: width of the post-net's hidden layer.
-      stop_head: learn an end-of-speech logit on the frame slots.
+      stop_head: learn an end-of-speech logit on the frame slots (a BCE weighted by
+        `loss.stop_weight`, its one positive per example by `loss.stop_pos_weight`); inference,
+        the CLI and evaluation then end the speech on it unless asked for a fixed duration.
       loss: loss weights.
       spec_augment: SpecAugment policy on the prompt features (training only).
       dtype: compute dtype of the connector and heads ("float32", "bfloat16").

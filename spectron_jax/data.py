@@ -25,7 +25,7 @@ from spectron_jax.interfaces import Model
 DatasetFn = Callable[[int, int, int, int], Iterable[Mapping[str, Any]]]
 
 # Task features whose ids the model's vocabulary must have produced.
-TEXT_FEATURES = ("prompt_transcript", "continuation_transcript")
+TEXT_FEATURES = ("prompt_transcript", "continuation_transcript", "targets")
 
 
 def numeric(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -9,6 +9,12 @@ into one KV cache of S = P + text slots + N slots, in three phases:
     frames   one slot per frame group        `lax.while_loop`: pre-net(previous group) in,
                                              post-net group out, until N groups or the stop logit
 
+With a stop head and `use_stop_logit`, a row keeps the first group whose stop probability
+crosses `stop_threshold` and ends there (the training target is 1 on the last valid group,
+`losses.stop_targets`); `max_frames` is then the longest a row may speak. `DecodeConfig.for_model`
+is what the entry points (inference, the CLI, evaluation) decode with: the stop logit whenever
+the model has a stop head, unless they ask for a fixed duration.
+
 All rows of the batch write the same cache slot at each step (the cache index is a scalar); a
 row that has finished its text writes an invalid slot (masked out of attention, no position
 advance), exactly like padding inside the text region of a training batch, so a batch decodes
@@ -53,14 +59,16 @@ class DecodeConfig:
 
     Attributes:
       max_text_tokens: text decoding limit (tokens after BOS, EOS included).
-      max_frames: spectrogram frames to generate (the requested duration).
+      max_frames: spectrogram frames to generate (the requested duration); with the stop logit
+        the most a row may generate.
       temperature: softmax temperature; 0 = greedy.
       top_k: keep the k most likely tokens when sampling; 0 = off.
       top_p: nucleus sampling mass; 1 = off.
       text_mode: "free" (generate text, then speech), "forced" (take the batch's
         `decoder_input_tokens`, generate only speech) or "text_only" (no frames).
-      use_stop_logit: stop a row when sigmoid(stop) > stop_threshold (needs a stop head).
-      stop_threshold: probability above which a row stops.
+      use_stop_logit: stop a row after the first group whose sigmoid(stop) > stop_threshold
+        (needs a stop head). False here; `for_model` turns it on for a stop-head model.
+      stop_threshold: probability above which a row stops, in [0, 1].
       seed: PRNG seed of sampling and of the pre-net's inference dropout.
       bos_id: first decoder input token; None = the model's `bos_id`.
       eos_id: end-of-text token; None = the model's `eos_id`.
@@ -92,8 +100,25 @@ class DecodeConfig:
             problems.append(f"top_k={self.top_k} must be >= 0")
         if not 0.0 < self.top_p <= 1.0:
             problems.append(f"top_p={self.top_p} must be in (0, 1]")
+        if not 0.0 <= self.stop_threshold <= 1.0:
+            problems.append(f"stop_threshold={self.stop_threshold} must be in [0, 1]")
         if problems:
             raise ValueError("Invalid DecodeConfig: " + "; ".join(problems))
+
+    @classmethod
+    def for_model(cls, model: Model, *, fixed_duration: bool = False, **options) -> DecodeConfig:
+        """The options the entry points decode `model` with.
+
+        The model's BOS / EOS (where `options` names none) and, when the model has a stop head,
+        the stop logit: speech ends by itself and `max_frames` is the longest it may last.
+
+        Args:
+          model: the model (its `config.stop_head`, `bos_id`, `eos_id`).
+          fixed_duration: ignore the stop head and generate exactly `max_frames` frames.
+          **options: the other `DecodeConfig` fields (`max_frames`, `stop_threshold`, ...).
+        """
+        use_stop_logit = bool(model.config.stop_head) and not fixed_duration
+        return cls(use_stop_logit=use_stop_logit, **options).with_model_ids(model)
 
     def static_key(self) -> DecodeConfig:
         """The options that change the compiled program (shapes, branches); the rest are traced."""
@@ -506,8 +531,9 @@ def _decode_frames(prog: _Program, cursor: CacheCursor, n_groups: int) -> dict[s
     """Generates up to `n_groups` frame groups after the text, each fed back through the pre-net.
 
     Returns:
-      `frames` float32[B, max_frames, n_mels], `frame_lengths` int32[B] and, with a stop head,
-      `stop_probs` float32[B, n_groups].
+      `frames` float32[B, max_frames, n_mels], `frame_lengths` int32[B], `stopped` bool[B]
+      (the stop logit ended the row; False for rows that ran to `n_groups`) and, with a stop
+      head, `stop_probs` float32[B, n_groups].
     """
     c = prog.module.config
     r, n_mels, max_frames = c.reduction_factor, c.n_mels, prog.options.max_frames
@@ -525,6 +551,8 @@ def _decode_frames(prog: _Program, cursor: CacheCursor, n_groups: int) -> dict[s
     out = {
         "frames": ungroup_frames(state.groups, n_mels)[:, :max_frames],
         "frame_lengths": jnp.minimum(state.count * r, max_frames).astype(jnp.int32),
+        # A row is inactive at the end only if its stop fired (possibly on the last group).
+        "stopped": ~state.active,
     }
     if c.stop_head:
         out["stop_probs"] = state.stop_probs
@@ -554,6 +582,7 @@ def _generate(
         b = hidden.shape[0]
         out["frames"] = jnp.zeros((b, 0, module.config.n_mels), jnp.float32)
         out["frame_lengths"] = jnp.zeros((b,), jnp.int32)
+        out["stopped"] = jnp.zeros((b,), bool)
         return out
     out.update(_decode_frames(prog, cursor, n_groups))
     return out
@@ -614,8 +643,10 @@ def generate(
     Returns:
       `text_tokens` int32[B, max_text_tokens] (generated ids, EOS included, 0 after),
       `text_lengths` int32[B] (tokens before EOS), `frames` float32[B, max_frames, n_mels]
-      (zeros after `frame_lengths`; [B, 0, n_mels] for "text_only"), `frame_lengths` int32[B];
-      with a stop head also `stop_probs` float32[B, ceil(max_frames / r)] (0 where not run).
+      (zeros after `frame_lengths`; [B, 0, n_mels] for "text_only"), `frame_lengths` int32[B],
+      `stopped` bool[B] (the stop logit ended the row; False for a row that ran to the
+      maximum without stopping); with a stop head also `stop_probs`
+      float32[B, ceil(max_frames / r)] (0 where not run).
     """
     _check(model.config, batch, config)
     config = config.with_model_ids(model)

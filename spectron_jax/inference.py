@@ -3,6 +3,9 @@
     wav --load_audio--> float32[S] --front end--> float32[T_p, F_enc] --pad to a bucket--> batch
         --decoding.generate--> text + log-mel frames --vocoder--> float32[S'] --write_wav--> wav
 
+A model with a stop head ends its speech by itself (`decode_config`: the stop logit is on unless
+`fixed_duration`); the requested seconds are then the longest it may speak.
+
 The text is the decoder's one text (the prompt transcript followed by the continuation or the
 answer); cutting it in two is evaluation's (`evaluation.text.split_text`). Checkpoints are the
 trainer's (`checkpoints.py` knows their layout): the model config, its vocabulary and the params
@@ -213,10 +216,36 @@ class Generation:
     Attributes:
       text: everything the model wrote (transcript + continuation), EOS excluded.
       frames: float32[T, n_mels] generated log-mel (valid frames only).
+      stopped: the stop logit ended the speech (False: it ran to `max_frames`).
     """
 
     text: str
     frames: np.ndarray
+    stopped: bool = False
+
+
+def decode_config(
+    loaded: LoadedModel, seconds: float, *, fixed_duration: bool = False, **options
+) -> Any:
+    """The `decoding.DecodeConfig` of `continue` / `ask`: up to `seconds` of speech.
+
+    With a stop head the model ends its speech itself and `seconds` is the longest it may
+    speak; `fixed_duration` (or a model without a stop head) generates exactly `seconds`.
+
+    Args:
+      loaded: the model (its config, stop head and BOS / EOS).
+      seconds: the speech duration (rounded up to whole frame groups).
+      fixed_duration: ignore the stop head.
+      **options: other `DecodeConfig` fields (sampling, `stop_threshold`, `seed`, ...).
+    """
+    from spectron_jax import decoding
+
+    return decoding.DecodeConfig.for_model(
+        loaded.model,
+        fixed_duration=fixed_duration,
+        max_frames=num_frames_for(loaded.config, seconds),
+        **options,
+    )
 
 
 def generate(
@@ -230,7 +259,8 @@ def generate(
     Args:
       loaded: the model.
       features: per example float32[T_p_i, F_enc] (the front end's output).
-      decode_config: a `decoding.DecodeConfig`; `max_frames` sets the target frames.
+      decode_config: a `decoding.DecodeConfig` (`decode_config` builds the default one);
+        `max_frames` sets the target frames, the most there are with the stop logit.
       prompt_frames: pad the prompts to at least this many frames (see `prompt_batch`).
 
     Returns:
@@ -247,7 +277,8 @@ def generate(
     for i in range(len(features)):
         text = decode_ids(loaded.vocabulary, out["text_tokens"][i], int(out["text_lengths"][i]))
         n = int(out["frame_lengths"][i])
-        results.append(Generation(text=text, frames=np.asarray(out["frames"][i, :n], np.float32)))
+        frames = np.asarray(out["frames"][i, :n], np.float32)
+        results.append(Generation(text=text, frames=frames, stopped=bool(out["stopped"][i])))
     return results
 
 

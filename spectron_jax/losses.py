@@ -13,6 +13,12 @@ Means run over valid (unpadded) frames only: a delta counts only where every fra
 valid, so padding never contributes and changing padded values changes nothing. The CE is a mean
 over valid text targets (one CE over prompt transcript and continuation: the paper needs no
 alignment). Every weight and K are knobs (`LossConfig`) so the paper's ablations can be rerun.
+
+The optional end-of-speech head (not in the paper) is a logit per frame group, trained with a
+binary cross-entropy whose one positive per example, the last valid group, is weighted by
+`stop_pos_weight`: against tens to hundreds of negative groups an unweighted head learns to
+never fire. Decoding keeps the group whose probability first crosses its threshold and stops
+after it, which is what the target asks for (`stop_targets`).
 """
 
 from __future__ import annotations
@@ -38,6 +44,9 @@ class LossConfig:
     l1_weight: float = 1.0  # Each spectrogram term is l1_weight * L1 + l2_weight * L2.
     l2_weight: float = 1.0
     stop_weight: float = 1.0  # Used only when the model has an end-of-speech head.
+    # Weight of the positive (last valid group) in the stop BCE; 1 = unweighted. A head that is
+    # to fire needs ~20-100 (one positive per utterance against that many negative groups).
+    stop_pos_weight: float = 1.0
     z_loss: float = 0.0  # Weight of log(Z)^2 on the text logits (PaLM); 0 disables.
     label_smoothing: float = 0.0
 
@@ -48,6 +57,8 @@ class LossConfig:
             raise ValueError(f"time_delta_kind={self.time_delta_kind!r} not in {TIME_DELTA_KINDS}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing={self.label_smoothing} must be in [0, 1)")
+        if self.stop_pos_weight <= 0.0:
+            raise ValueError(f"stop_pos_weight={self.stop_pos_weight} must be > 0")
 
 
 def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
@@ -218,11 +229,64 @@ def stop_targets(frame_mask: jax.Array, reduction_factor: int) -> tuple[jax.Arra
     return (idx == n - 1).astype(jnp.float32) * group_mask, group_mask
 
 
-def stop_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
-    """Binary cross-entropy of float[B, N] logits, mean over `mask`."""
+def stop_loss(
+    logits: jax.Array, targets: jax.Array, mask: jax.Array, pos_weight: float = 1.0
+) -> jax.Array:
+    """Binary cross-entropy with a weighted positive class, mean over valid groups.
+
+    Per group `-(pos_weight * y * log(sigmoid(x)) + (1 - y) * log(1 - sigmoid(x)))`, summed over
+    `mask` and divided by the number of valid groups (not by the weights: pos_weight = 1 is the
+    plain BCE mean, and the weight only scales the positives' share).
+
+    Args:
+      logits: float[B, N] stop logits per frame group.
+      targets: float32[B, N] 1 on the last valid group (`stop_targets`).
+      mask: float32[B, N] 1 on valid groups.
+      pos_weight: weight of the positive terms.
+
+    Returns:
+      float32[] (0 for a batch without valid groups).
+    """
     logits = logits.astype(jnp.float32)
-    bce = jnp.maximum(logits, 0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+    # -log(sigmoid(x)) = softplus(-x) and -log(1 - sigmoid(x)) = softplus(x), in stable form.
+    log1p_exp = jnp.log1p(jnp.exp(-jnp.abs(logits)))
+    neg_log_p = jnp.maximum(-logits, 0) + log1p_exp
+    neg_log_not_p = jnp.maximum(logits, 0) + log1p_exp
+    bce = pos_weight * targets * neg_log_p + (1.0 - targets) * neg_log_not_p
     return _safe_div(jnp.sum(bce * mask), jnp.sum(mask))
+
+
+def stop_metrics(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+    """How the stop head would end each example, at decoding's default threshold 0.5.
+
+    A group "fires" when its logit is > 0 (sigmoid > 0.5). Teacher forcing only runs the valid
+    groups, so a row that never fires counts as firing one group past its last valid one (a
+    lower bound of how late decoding would stop).
+
+    Args:
+      logits: float[B, N]; targets, mask: float32[B, N] from `stop_targets`.
+
+    Returns:
+      Scalars: `stop_precision` (fired groups that are the last one), `stop_recall` (last groups
+      that fire), `stop_position_error` (mean |first fired group - last valid group| over rows
+      with valid groups, in groups) and `stop_position_bias` (its signed mean: > 0 = late).
+    """
+    valid = mask > 0
+    fired = (logits > 0) & valid
+    positive = (targets > 0) & valid
+    hits = jnp.sum((fired & positive).astype(jnp.float32))
+    n = jnp.sum(valid, axis=-1)  # Valid groups per row; they come first.
+    idx = jnp.arange(logits.shape[-1])[None, :]
+    # `initial` (never below n) makes the min defined when there are no groups (spoken QA).
+    first = jnp.min(jnp.where(fired, idx, n[:, None]), axis=-1, initial=logits.shape[-1])
+    error = (first - (n - 1)).astype(jnp.float32)
+    rows = (n > 0).astype(jnp.float32)
+    return {
+        "stop_precision": _safe_div(hits, jnp.sum(fired.astype(jnp.float32))),
+        "stop_recall": _safe_div(hits, jnp.sum(positive.astype(jnp.float32))),
+        "stop_position_error": _safe_div(jnp.sum(jnp.abs(error) * rows), jnp.sum(rows)),
+        "stop_position_bias": _safe_div(jnp.sum(error * rows), jnp.sum(rows)),
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -260,7 +324,8 @@ def spectron_loss(
       (loss float32[], metrics): metrics are float32 scalars, batch means, each term unweighted
       (`ce`, `spec`, `freq_delta`, `time_delta`, ... and `loss`), token accuracies
       `accuracy_prompt` / `accuracy_continuation` / `accuracy`, and counts `num_tokens`,
-      `num_frames`.
+      `num_frames`; with `stop_logits` also `stop` (the weighted BCE) and the figures of
+      `stop_metrics`.
     """
     nll, z, correct = cross_entropy(
         logits,
@@ -289,7 +354,8 @@ def spectron_loss(
     )
     if stop_logits is not None:
         targets, group_mask = stop_targets(frame_mask, reduction_factor)
-        metrics["stop"] = stop_loss(stop_logits, targets, group_mask)
+        metrics["stop"] = stop_loss(stop_logits, targets, group_mask, config.stop_pos_weight)
+        metrics.update(stop_metrics(stop_logits, targets, group_mask))
         loss = loss + config.stop_weight * metrics["stop"]
     metrics["loss"] = loss
     return loss, metrics

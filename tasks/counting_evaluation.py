@@ -16,6 +16,10 @@ On each evaluation split (training voices `validation`, and `validation_unseen_v
   (d) free-running: the continuation generated after the generated text, for the reference's
       duration, against the reference with `dtw_l1` (alignment-tolerant), next to the DTW-L1 of
       the mean frame (`dtw_l1_mean_frame`).
+  (e) with a stop head, self-stopped: the same decode ended by the stop logit (at most the
+      batch's frame slots) and not cut: `dtw_l1_stopped` against the reference, the length
+      error in frames (`length_error_frames_mae`, `length_error_frames_mean`, > 0 = too long)
+      and `hit_max_fraction`, the examples that ran to the maximum without stopping.
 
 L1 figures are pooled: mean |pred - target| over mel bins and every valid frame of the split.
 `CountingEvaluator` (gin-configurable, an evaluator of `train.train` run once after the last
@@ -45,6 +49,7 @@ import numpy as np
 
 from spectron_jax import data
 from spectron_jax.evaluation.metrics import dtw_l1, normalize_text
+from spectron_jax.evaluation.runner import length_figures
 from spectron_jax.evaluation.samples import decode_batch, write_media, write_samples
 from spectron_jax.interfaces import EvalContext
 
@@ -233,6 +238,10 @@ def format_report(
         ("  L1 / copy-previous L1", "tf_l1_ratio_copy", "< 1.00x", "{:.3f}x"),
         ("free-running DTW-L1", "dtw_l1", "", "{:.4f}"),
         ("  mean-frame DTW-L1", "dtw_l1_mean_frame", "", "{:.4f}"),
+        ("self-stopped DTW-L1 (uncut)", "dtw_l1_stopped", "", "{:.4f}"),
+        ("  length error |gen - ref|, frames", "length_error_frames_mae", "", "{:.2f}"),
+        ("  length error gen - ref, frames", "length_error_frames_mean", "", "{:+.2f}"),
+        ("  ran to the maximum, no stop", "hit_max_fraction", "", "{:.1%}"),
     ]
     for split, figs in figures.items():
         want = targets.for_split(split)
@@ -269,6 +278,69 @@ def teacher_forced_frames(model: Any, params: Any, batch: Mapping[str, Any], see
     return np.asarray(_teacher_forced_fn(model.module)(params, inputs, jax.random.PRNGKey(seed)))
 
 
+def self_stopped_batch(
+    model: Any, params: Any, batch: Mapping[str, Any], seed: int = 0, threshold: float = 0.5
+) -> list[dict[str, Any]]:
+    """Free-running greedy decoding ended by the stop logit, one dict per example.
+
+    The options are `samples.decode_batch`'s (so the compiled program is shared) with the stop
+    logit on: a row ends after the first group whose stop probability exceeds `threshold`, or
+    at the batch's `target_frames` length.
+
+    Returns:
+      Per example: `generated` float32[T_i, n_mels] (uncut), `generated_frames` T_i,
+      `reference_frames` (valid frames of the reference) and `stopped`.
+    """
+    from spectron_jax.decoding import DecodeConfig, generate
+
+    batch = {k: np.asarray(v) for k, v in batch.items()}
+    config = DecodeConfig.for_model(
+        model,
+        max_text_tokens=batch["decoder_target_tokens"].shape[1] + 4,
+        max_frames=batch["target_frames"].shape[1],
+        stop_threshold=threshold,
+        seed=seed,
+    )
+    out = jax.device_get(generate(model, params, batch, config))
+    examples = []
+    for i, n_gen in enumerate(np.asarray(out["frame_lengths"])):
+        examples.append(
+            {
+                "generated": np.asarray(out["frames"][i, : int(n_gen)]),
+                "generated_frames": int(n_gen),
+                "reference_frames": int(batch["frame_mask"][i].sum()),
+                "stopped": bool(out["stopped"][i]),
+            }
+        )
+    return examples
+
+
+def self_stopped_figures(
+    examples: Sequence[Mapping[str, Any]],
+    references: Sequence[np.ndarray],
+    num_dtw_examples: int,
+) -> dict[str, float]:
+    """(e): `dtw_l1_stopped` over the first `num_dtw_examples` and the length figures.
+
+    Args:
+      examples: `self_stopped_batch` outputs, one per example.
+      references: float[T'_i, M] reference continuations, aligned with `examples`.
+      num_dtw_examples: examples of the DTW figure.
+    """
+    if len(examples) != len(references) or not examples:
+        raise ValueError(f"{len(examples)} self-stopped vs {len(references)} references")
+    pairs = zip(examples[:num_dtw_examples], references[:num_dtw_examples], strict=True)
+    dtw = [dtw_l1(ex["generated"], ref) for ex, ref in pairs]
+    return {
+        "dtw_l1_stopped": float(np.mean(dtw)),
+        **length_figures(
+            [ex["generated_frames"] for ex in examples],
+            [ex["reference_frames"] for ex in examples],
+            [ex["stopped"] for ex in examples],
+        ),
+    }
+
+
 def evaluate_split(
     model: Any,
     params: Any,
@@ -280,8 +352,12 @@ def evaluate_split(
     num_dtw_examples: int,
     num_samples: int,
     seed: int = 0,
+    stop_threshold: float = 0.5,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """All figures of one split, and the first `num_samples` examples for WAVs/PNG.
+
+    (e) needs a second decode of each batch, with the stop logit; it runs only for a model with
+    a stop head, at `stop_threshold`.
 
     Returns:
       (figures, samples): samples hold `prompt_features`, `reference`, `generated` frames and
@@ -291,7 +367,7 @@ def evaluate_split(
     r = model.config.reduction_factor
     hyps, refs, prompts = [], [], []
     tf_pred, tf_target, tf_mask = [], [], []
-    gen_frames, ref_frames, samples = [], [], []
+    gen_frames, ref_frames, samples, stopped = [], [], [], []
     n = 0
     for batch in batches:
         if n >= max_examples:
@@ -309,6 +385,8 @@ def evaluate_split(
             ref_frames.append(ex["reference"])
         samples.extend(examples[: num_samples - len(samples)])
         n += len(examples)
+        if model.config.stop_head:
+            stopped.extend(self_stopped_batch(model, params, batch, seed, stop_threshold))
     if not n:
         raise ValueError("the evaluation split gave no batches")
     mask = np.concatenate(tf_mask)
@@ -319,6 +397,8 @@ def evaluate_split(
         **teacher_forced_figures(np.concatenate(tf_pred), np.concatenate(tf_target), mask, mean, r),
         **dtw_figures(gen_frames[:num_dtw_examples], ref_frames[:num_dtw_examples], mean),
     }
+    if stopped:
+        figures.update(self_stopped_figures(stopped, ref_frames, num_dtw_examples))
     wrong = [
         (h, t) for h, t in zip(hyps, refs, strict=True) if normalize_text(h) != normalize_text(t)
     ]
@@ -357,6 +437,7 @@ class CountingEvaluator:
       num_dtw_examples: examples of (d) per split (DTW is O(T^2) in Python).
       num_samples: examples per split written as WAVs and drawn in the PNG.
       targets: printed beside the figures; default `CountingTargets()`.
+      stop_threshold: stop probability that ends the self-stopped decode (stop-head models).
       every: steps between evaluations; 0 = only after the last step.
       name: TensorBoard prefix of the figures and media.
     """
@@ -374,6 +455,7 @@ class CountingEvaluator:
         targets: CountingTargets | None = None,
         every: int = 0,
         name: str = "final",
+        stop_threshold: float = 0.5,
     ):
         self.mixture_or_task_name = mixture_or_task_name
         self.task_feature_lengths = dict(task_feature_lengths)
@@ -386,6 +468,7 @@ class CountingEvaluator:
         self.targets = targets or CountingTargets()
         self.every = every
         self.name = name
+        self.stop_threshold = stop_threshold
 
     def split_batches(self, model: Any, split: str, seed: int) -> Iterable[Mapping[str, Any]]:
         """The split in order, once, laid out by the model's feature converter."""
@@ -425,6 +508,7 @@ class CountingEvaluator:
                 num_dtw_examples=self.num_dtw_examples,
                 num_samples=self.num_samples,
                 seed=seed,
+                stop_threshold=self.stop_threshold,
             )
             per_split[split] = figures
             if samples and jax.process_index() == 0:

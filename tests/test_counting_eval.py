@@ -15,7 +15,9 @@ import spectron_testing as st
 
 import spectron_tasks.counting_evaluation as counting
 from spectron_jax import data
+from spectron_jax.evaluation import runner
 from spectron_jax.evaluation import samples as samples_lib
+from spectron_jax.evaluation.metrics import dtw_l1
 from spectron_jax.interfaces import EvalContext
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "trainer"))
@@ -120,6 +122,78 @@ def test_dtw_figures_forgive_timing_but_not_content():
         counting.dtw_figures([flat], [flat, flat], mean=np.zeros(4))
 
 
+# -- (e): the self-stopped length ------------------------------------------------------------------
+
+
+def test_length_figures_on_known_lengths():
+    figs = runner.length_figures(
+        generated=[10, 20, 30, 8],
+        reference=[12, 20, 25, None],  # The last one is a spoken answer: no reference length.
+        stopped=[True, True, False, True],
+    )
+    # Errors -2, 0, +5 frames.
+    assert figs["length_error_frames_mae"] == pytest.approx(7 / 3)
+    assert figs["length_error_frames_mean"] == pytest.approx(1.0)
+    assert figs["hit_max_fraction"] == pytest.approx(1 / 4)
+    assert runner.length_figures([], [], []) == {}
+    assert runner.length_figures([4], [None], [False]) == {"hit_max_fraction": 1.0}
+    with pytest.raises(ValueError, match="lengths given"):
+        runner.length_figures([1, 2], [1], [True])
+
+
+def _rigged_stop(params, bias):
+    """A stop head whose logit is `bias` on every group (zero kernel)."""
+    dense = params["stop"]["dense"]
+    rigged = {"kernel": np.zeros_like(dense["kernel"]), "bias": np.full_like(dense["bias"], bias)}
+    return {**params, "stop": {"dense": rigged}}
+
+
+@pytest.fixture(scope="module")
+def tiny_stop():
+    config = st.tiny_config(stop_head=True)
+    batch = st.random_batch(config, batch_size=3, num_groups=4)  # 8, 5 and 2 valid frames.
+    return st.tiny_model(config), st.init_params(config, batch), batch
+
+
+def test_self_stopped_figures_beside_the_cut_ones(tiny_stop):
+    model, params, batch = tiny_stop
+    r, refs = model.config.reduction_factor, [8, 5, 2]
+    assert batch["frame_mask"].sum(-1).tolist() == refs
+    mean = np.full(model.config.n_mels, 0.1)
+    # A head that always says "last group": one group each, errors 2 - 8, 2 - 5, 2 - 2.
+    figs, samples = counting.evaluate_split(
+        model,
+        _rigged_stop(params, 50.0),
+        [batch],
+        lambda ids: " ".join(f"w{i}" for i in ids),
+        mean,
+        max_examples=3,
+        num_dtw_examples=3,
+        num_samples=1,
+    )
+    assert figs["length_error_frames_mae"] == pytest.approx(3.0)
+    assert figs["length_error_frames_mean"] == pytest.approx(-3.0)
+    assert figs["hit_max_fraction"] == 0.0
+    stopped = counting.self_stopped_batch(model, _rigged_stop(params, 50.0), batch)
+    assert [ex["generated_frames"] for ex in stopped] == [r] * 3
+    references = [batch["target_frames"][i, :n] for i, n in enumerate(refs)]
+    want = np.mean(
+        [dtw_l1(ex["generated"], ref) for ex, ref in zip(stopped, references, strict=True)]
+    )
+    assert figs["dtw_l1_stopped"] == pytest.approx(want)
+    # The cut figure is today's: generated for the batch's frame slots, cut to the reference.
+    assert "dtw_l1" in figs and samples[0]["generated"].shape == (8, model.config.n_mels)
+
+    # A head that never fires: every example runs to the batch's 8 frame slots.
+    never = counting.self_stopped_batch(model, _rigged_stop(params, -50.0), batch)
+    figs = counting.self_stopped_figures(never, references, num_dtw_examples=1)
+    assert [ex["generated_frames"] for ex in never] == [8] * 3
+    assert not any(ex["stopped"] for ex in never)
+    assert figs["hit_max_fraction"] == 1.0
+    assert figs["length_error_frames_mean"] == pytest.approx((0 + 3 + 6) / 3)
+    assert figs["dtw_l1_stopped"] == pytest.approx(dtw_l1(never[0]["generated"], references[0]))
+
+
 # -- targets and the printed report ----------------------------------------------------------
 
 
@@ -164,6 +238,13 @@ def test_report_prints_figures_beside_targets():
     assert "0.400x" in report and "100.0%" in report
     assert report.count("all met") == 1
     assert "MISSED validation_unseen_voices/first_word_accuracy 0.500 < 0.9" in report
+    assert "self-stopped" not in report  # No stop head, no (e).
+    stopped = {"dtw_l1_stopped": 1.5, "length_error_frames_mae": 4.0}
+    stopped.update(length_error_frames_mean=-2.5, hit_max_fraction=0.25)
+    report = counting.format_report(
+        {"validation": {**_figures(), **stopped}}, counting.CountingTargets(), step=300
+    )
+    assert "self-stopped DTW-L1 (uncut)" in report and "-2.50" in report and "25.0%" in report
 
 
 # -- the pipeline on a random tiny model ---------------------------------------------------------

@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import soundfile as sf
 import spectron_testing as st
+from inference_testing import tiny_inference_config
 
-from spectron_jax import decoding
+from spectron_jax import checkpoints, cli, decoding, inference, losses
 from spectron_jax.decoding import DecodeConfig
 from spectron_jax.models import SpectronModel
+from spectron_jax.network import Spectron
 
 MAX_TEXT = 10
 MAX_FRAMES = 8  # 4 groups of r = 2.
@@ -239,6 +243,8 @@ def test_bad_options_and_inputs_are_errors(setup):
         DecodeConfig(text_mode="speech")
     with pytest.raises(ValueError, match="top_p"):
         DecodeConfig(top_p=0.0)
+    with pytest.raises(ValueError, match="stop_threshold"):
+        DecodeConfig(stop_threshold=1.5)
     with pytest.raises(ValueError, match="decoder_input_tokens"):
         decoding.generate(
             model,
@@ -357,3 +363,245 @@ def test_loop_states_are_pytrees():
         )
         assert type(bumped) is type(state)
         assert int(bumped.cursor.index) == 4
+
+
+# ------------------------------------------------------------------------------------------------
+# The stop rule on known stop logits.
+# ------------------------------------------------------------------------------------------------
+
+
+def _rigged_stop(params, bias: float):
+    """`params` with a stop head whose logit is `bias` on every group (zero kernel)."""
+    stop = params["stop"]["dense"]
+    rigged = {"kernel": jnp.zeros_like(stop["kernel"]), "bias": jnp.full_like(stop["bias"], bias)}
+    return {**params, "stop": {"dense": rigged}}
+
+
+def test_stop_bias_extremes_stop_after_one_group_or_never(setup, eos_run):
+    model, params, batch = setup
+    eos, _, out = eos_run
+    r = model.config.reduction_factor
+    for bias, groups in ((50.0, 1), (-50.0, MAX_FRAMES // r)):
+        # Same static options as eos_run: use_stop_logit and the threshold are traced.
+        got = jax.device_get(
+            decoding.generate(
+                model, _rigged_stop(params, bias), batch, _greedy(eos_id=eos, use_stop_logit=True)
+            )
+        )
+        assert (got["frame_lengths"] == groups * r).all(), (bias, got["frame_lengths"])
+        assert got["stopped"].tolist() == [bias > 0] * 3
+        np.testing.assert_allclose(got["stop_probs"][:, :groups], jax.nn.sigmoid(bias))
+        assert not got["stop_probs"][:, groups:].any()
+        assert not got["frames"][:, groups * r :].any()
+        np.testing.assert_array_equal(got["text_tokens"], out["text_tokens"])  # Text untouched.
+    # Without the rule the same head changes nothing: every row runs to max_frames.
+    fixed = jax.device_get(
+        decoding.generate(model, _rigged_stop(params, 50.0), batch, _greedy(eos_id=eos))
+    )
+    assert (fixed["frame_lengths"] == MAX_FRAMES).all() and not fixed["stopped"].any()
+
+
+def test_a_fresh_stop_head_starts_far_below_the_threshold():
+    """Its initial bias makes "the end" unlikely, so an untrained head does not cut speech."""
+    import flax.linen as nn
+
+    from spectron_jax.nn.speech_heads import StopHead
+
+    variables = nn.unbox(StopHead().init(jax.random.PRNGKey(0), jnp.zeros((1, 3, 16))))
+    bias = variables["params"]["dense"]["bias"]
+    assert float(jax.nn.sigmoid(bias[0])) < 0.05
+
+
+# Stop probabilities per row and frame group of the scheduled decode below.
+SCHEDULE = np.array(
+    [
+        [0.1, 0.7, 0.9, 0.2],
+        [0.5, 0.4, 0.6, 0.95],  # 0.5 does not cross a threshold of 0.5: the rule is ">".
+        [0.1, 0.2, 0.3, 0.4],
+    ],
+    np.float32,
+)
+
+
+@functools.cache
+def _scheduled_program(model_config, options):
+    """The decode program traced with the scheduled frame step; its own cache, so that no other
+    test meets the patched step (the thresholds are traced: one compile serves every case)."""
+    return jax.jit(functools.partial(decoding._generate, Spectron(model_config), options))
+
+
+@pytest.fixture()
+def scheduled_decoding(monkeypatch):
+    """`decoding.generate` whose frame step emits group j filled with j + 1 and the stop logit
+    of SCHEDULE[row, j], through the real loop and stop rule."""
+    real_step = decoding._frame_step
+    logits = jnp.asarray(np.log(SCHEDULE / (1 - SCHEDULE)))
+
+    def step(module, prev, positions, mask):
+        group, _ = real_step(module, prev, positions, mask)  # Keeps the cache writes.
+        j = prev[:, 0, 0].astype(jnp.int32)  # Group j - 1 holds j; group -1 is zeros.
+        return jnp.ones_like(group) + prev, jnp.take_along_axis(logits, j[:, None], axis=1)
+
+    monkeypatch.setattr(decoding, "_frame_step", step)
+    monkeypatch.setattr(decoding, "_compiled", _scheduled_program)
+    return decoding.generate
+
+
+@pytest.mark.parametrize(
+    "threshold, groups, stopped",
+    [
+        (0.5, [2, 3, 4], [True, True, False]),
+        (0.8, [3, 4, 4], [True, True, False]),  # Row 1 stops on its last group.
+        (0.0, [1, 1, 1], [True, True, True]),
+    ],
+)
+def test_decoding_stops_at_the_first_group_over_the_threshold(
+    setup, eos_run, scheduled_decoding, threshold, groups, stopped
+):
+    model, params, batch = setup
+    eos = eos_run[0]
+    options = _greedy(eos_id=eos, use_stop_logit=True, stop_threshold=threshold)
+    out = jax.device_get(scheduled_decoding(model, params, batch, options))
+    r = model.config.reduction_factor
+    assert out["frame_lengths"].tolist() == [g * r for g in groups]
+    assert out["stopped"].tolist() == stopped
+    for i, g in enumerate(groups):
+        # The group that crossed is kept (it is the last one), nothing after it.
+        want = np.zeros((MAX_FRAMES, model.config.n_mels), np.float32)
+        want[: g * r] = np.repeat(np.arange(1, g + 1), r)[:, None]
+        np.testing.assert_array_equal(out["frames"][i], want)
+        np.testing.assert_allclose(out["stop_probs"][i, :g], SCHEDULE[i, :g], rtol=1e-5)
+        assert not out["stop_probs"][i, g:].any()
+    # The group decoding ends on is the one the training target marks as the last.
+    frame_mask = (np.arange(MAX_FRAMES)[None] < out["frame_lengths"][:, None]).astype(np.int32)
+    targets, _ = losses.stop_targets(frame_mask, r)
+    for i, g in enumerate(groups):
+        assert np.asarray(targets)[i].tolist() == [float(j == g - 1) for j in range(4)]
+
+
+# ------------------------------------------------------------------------------------------------
+# The entry points end speech on the stop head by default.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_for_model_uses_the_stop_head_unless_fixed_duration(setup):
+    model = setup[0]
+    options = DecodeConfig.for_model(model, max_frames=6, stop_threshold=0.3)
+    assert options.use_stop_logit and options.stop_threshold == 0.3 and options.max_frames == 6
+    assert (options.bos_id, options.eos_id) == (model.bos_id, model.eos_id)
+    assert not DecodeConfig.for_model(model, fixed_duration=True).use_stop_logit
+    no_stop = st.tiny_model(dataclasses.replace(model.config, stop_head=False))
+    assert not DecodeConfig.for_model(no_stop).use_stop_logit
+    # The low-level default stays a fixed duration (T5X's predict_batch_with_aux, samples).
+    assert not DecodeConfig().use_stop_logit
+
+
+@pytest.fixture(scope="module")
+def stop_checkpoint(tmp_path_factory):
+    """A tiny random checkpoint whose stop head says "last group" everywhere (logit +50), and a
+    0.6 s noise prompt: with the stop logit its speech is one frame group long."""
+    config = dataclasses.replace(tiny_inference_config(), stop_head=True)
+    batch = st.random_batch(config, batch_size=1)
+    params = _rigged_stop(st.init_params(config, batch, seed=1), 50.0)
+    model_dir = tmp_path_factory.mktemp("stop_model")
+    checkpoints.save_for_inference(model_dir, SpectronModel(config), params, 3)
+    rate = config.spectrogram.sample_rate
+    noise = np.random.default_rng(0).normal(0, 0.1, int(0.6 * rate)).astype(np.float32)
+    wav = model_dir / "prompt.wav"
+    sf.write(wav, noise, rate)
+    return model_dir, config, wav
+
+
+def test_continue_stops_on_the_head_by_default(stop_checkpoint, tmp_path, capsys, monkeypatch):
+    model_dir, config, wav = stop_checkpoint
+    configs = []
+    real = decoding.generate
+
+    def spy(model, params, batch, options, **kw):
+        configs.append(options)
+        return real(model, params, batch, options, **kw)
+
+    monkeypatch.setattr(decoding, "generate", spy)
+    hop, r = config.spectrogram.hop_length, config.reduction_factor
+    argv = ["continue", "--checkpoint", model_dir, "--audio", wav, "--seconds", "0.5"]
+    argv += ["--max-text-tokens", "4"]
+
+    # `--stop`, the old opt-in, still parses and changes nothing.
+    code = cli.main([str(a) for a in argv + ["--out", tmp_path / "a.wav", "--stop"]])
+    assert code == 0
+    assert configs[-1].use_stop_logit and configs[-1].stop_threshold == 0.5
+    assert configs[-1].max_frames == inference.num_frames_for(config, 0.5)  # The maximum.
+    assert sf.info(tmp_path / "a.wav").frames == r * hop  # One group: the head stopped it.
+    assert "ended by the model" in capsys.readouterr().out
+
+    code = cli.main([str(a) for a in argv + ["--out", tmp_path / "b.wav", "--fixed-duration"]])
+    assert code == 0 and not configs[-1].use_stop_logit
+    assert sf.info(tmp_path / "b.wav").frames == inference.num_frames_for(config, 0.5) * hop
+    assert "ended by the model" not in capsys.readouterr().out
+
+
+def test_eval_flags_reach_the_runner(monkeypatch, tmp_path, capsys):
+    from spectron_jax.evaluation import runner
+
+    seen = []
+
+    def evaluate(checkpoint, task, split, out, options, *, vocabulary_path=None):
+        seen.append(options)
+        return runner.EvalResult({"num_examples": 0}, [], str(out), "", "report.md")
+
+    monkeypatch.setattr(runner, "evaluate", evaluate)
+    argv = ["eval", "--checkpoint", "x", "--task", "t", "--split", "s", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    assert not seen[-1].fixed_duration and seen[-1].stop_threshold == 0.5
+    assert cli.main(argv + ["--fixed-duration", "--stop-threshold", "0.3"]) == 0
+    assert seen[-1].fixed_duration and seen[-1].stop_threshold == 0.3
+    capsys.readouterr()
+
+
+def _eval_example(config, i, prompt, n_ref):
+    rng = np.random.default_rng(i)
+    return {
+        "id": f"ex{i}",
+        "speaker_id": "",
+        "prompt_text": "one two",
+        "continuation_text": "three",
+        "prompt_features": prompt,
+        "prompt_length": np.int32(len(prompt)),
+        "continuation_frames": rng.normal(-2, 1, (n_ref, config.n_mels)).astype(np.float32),
+        "continuation_length": np.int32(n_ref),
+    }
+
+
+def test_spectron_eval_measures_the_self_stopped_length(stop_checkpoint, tmp_path):
+    from spectron_jax.evaluation import runner
+
+    model_dir, config, wav = stop_checkpoint
+    loaded = inference.load_model_for_inference(model_dir)
+    waveform, _ = sf.read(wav, dtype="float32")
+    prompt = inference.prompt_features(config, waveform)
+    examples = [_eval_example(config, 0, prompt, 9), _eval_example(config, 1, prompt, 30)]
+    r = config.reduction_factor
+
+    # Without --seconds the maximum is the longest reference, with headroom (1.5 x 30) when the
+    # stop logit ends the speech.
+    options = runner.EvalOptions(batch_size=2, num_samples=0, max_text_tokens=4)
+    assert runner.decode_config_for(loaded, examples, options).max_frames == 46  # 45 -> groups
+    fixed = dataclasses.replace(options, fixed_duration=True)
+    assert runner.decode_config_for(loaded, examples, fixed).max_frames == 30
+
+    # One --seconds for both runs (one compiled program): the head ends both after one group.
+    options = dataclasses.replace(options, seconds=0.25)
+    most = inference.num_frames_for(config, 0.25)
+    result = runner.evaluate_examples(loaded, examples, tmp_path / "stop", options)
+    m = result.metrics
+    assert m["hit_max_fraction"] == 0.0
+    assert m["length_error_frames_mean"] == pytest.approx(((r - 9) + (r - 30)) / 2)
+    assert m["length_error_frames_mae"] == pytest.approx(((9 - r) + (30 - r)) / 2)
+    assert [e["length_error_frames"] for e in result.examples] == [r - 9, r - 30]
+    assert all(e["stopped"] and e["generated_frames"] == r for e in result.examples)
+
+    # A fixed duration runs to the maximum: every example hits it.
+    fixed = dataclasses.replace(options, fixed_duration=True)
+    m = runner.evaluate_examples(loaded, examples, tmp_path / "fixed", fixed).metrics
+    assert m["hit_max_fraction"] == 1.0
+    assert m["length_error_frames_mean"] == pytest.approx(((most - 9) + (most - 30)) / 2)

@@ -227,3 +227,76 @@ def test_invalid_config():
         losses.LossConfig(time_delta_orders=-1)
     with pytest.raises(ValueError, match="time_delta_kind"):
         losses.LossConfig(time_delta_kind="second")
+
+
+# -- the stop head ---------------------------------------------------------------------------
+
+
+def _stop_batch():
+    """r = 1; row 0 has 3 valid groups (last at 2), row 1 one (at 0); logits with known sigmoids:
+    sigmoid(0) = 1/2, sigmoid(ln 3) = 3/4."""
+    mask = np.array([[1, 1, 1, 0], [1, 0, 0, 0]], np.int32)
+    ln3 = math.log(3.0)
+    logits = np.array([[0.0, ln3, 0.0, 99.0], [ln3, -5.0, 7.0, 7.0]], np.float32)
+    return mask, logits
+
+
+def test_weighted_stop_bce_closed_form():
+    mask, logits = _stop_batch()
+    targets, gmask = losses.stop_targets(mask, 1)
+    np.testing.assert_array_equal(targets, [[0, 0, 1, 0], [1, 0, 0, 0]])
+    # Negatives: -log(1 - 1/2) = ln 2 and -log(1 - 3/4) = ln 4; positives, weighted by w:
+    # -log(1/2) = ln 2 and -log(3/4) = ln(4/3); the mean runs over the 4 valid groups.
+    for w in (1.0, 20.0):
+        want = (math.log(2) + math.log(4) + w * (math.log(2) + math.log(4 / 3))) / 4
+        got = losses.stop_loss(logits, targets, gmask, pos_weight=w)
+        np.testing.assert_allclose(float(got), want, rtol=1e-6)
+
+    # In the total: stop_weight * the weighted BCE on top of the other terms, which it leaves
+    # unchanged; the default pos weight is the plain BCE (existing configs' loss is unchanged).
+    assert losses.LossConfig().stop_pos_weight == 1.0
+    logits_text, tokens, weights, text_part = make_text(b=2)
+    frames = np.random.default_rng(0).normal(size=(2, 4, 3)).astype(np.float32)
+    kw = dict(
+        logits=logits_text,
+        target_tokens=tokens,
+        loss_weights=weights,
+        text_part=text_part,
+        pred_frames=frames,
+        target_frames=frames * 0.5,
+        frame_mask=mask,
+    )
+    cfg = losses.LossConfig(stop_weight=0.5, stop_pos_weight=20.0)
+    base, _ = losses.spectron_loss(config=cfg, **kw)
+    loss, metrics = losses.spectron_loss(config=cfg, stop_logits=logits, reduction_factor=1, **kw)
+    want = (math.log(2) + math.log(4) + 20 * (math.log(2) + math.log(4 / 3))) / 4
+    np.testing.assert_allclose(float(metrics["stop"]), want, rtol=1e-6)
+    np.testing.assert_allclose(float(loss), float(base) + 0.5 * want, rtol=1e-6)
+    assert {"stop_precision", "stop_recall", "stop_position_error"} <= set(metrics)
+    with pytest.raises(ValueError, match="stop_pos_weight"):
+        losses.LossConfig(stop_pos_weight=0.0)
+
+
+def test_stop_metrics_on_known_logits():
+    # r = 1, N = 6: row 0 has 5 valid groups (last at 4), row 1 three (last at 2), row 2 none.
+    mask = np.zeros((3, 6), np.int32)
+    mask[0, :5] = 1
+    mask[1, :3] = 1
+    targets, gmask = losses.stop_targets(mask, 1)
+    logits = np.array(
+        [
+            [-1, 2, -1, -1, 3, 9],  # Fires at 1 (3 groups early) and at 4; 5 is padding.
+            [-1, -1, -1, 5, 5, 5],  # Never fires on a valid group: counted as 2 + 1.
+            [9, 9, 9, 9, 9, 9],  # No valid group: no row, no group.
+        ],
+        np.float32,
+    )
+    m = losses.stop_metrics(logits, targets, gmask)
+    assert float(m["stop_precision"]) == pytest.approx(1 / 2)  # Fired: (0, 1), (0, 4).
+    assert float(m["stop_recall"]) == pytest.approx(1 / 2)  # Last groups: (0, 4), (1, 2).
+    assert float(m["stop_position_error"]) == pytest.approx((3 + 1) / 2)
+    assert float(m["stop_position_bias"]) == pytest.approx((-3 + 1) / 2)
+    # Spoken QA batches have no frame groups at all: zeros, not NaN or an error.
+    empty = np.zeros((2, 0), np.float32)
+    for value in losses.stop_metrics(empty, empty, empty).values():
+        assert float(value) == 0.0

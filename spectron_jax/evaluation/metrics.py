@@ -4,8 +4,11 @@ Text (`normalize_text` is applied to both sides of every text metric):
   - `word_error_rate`, `char_error_rate`: corpus-level WER/CER (jiwer) over normalised text.
   - `qa_match`, `qa_accuracy`: the paper's spoken-QA score: the normalised reference answer occurs
     in the normalised answer text.
+  - `word_accuracy`: one hypothesis' 1 - WER, clipped at 0 (the judged ASR figures).
 Embeddings:
   - `cosine_similarity`: speaker similarity of two batches of embeddings.
+  - `speaker_gap`: how much closer generated speech is to its own prompt's speaker than to
+    another speaker's prompt.
 Spectrograms (log-mel of `SpectrogramConfig`, log10 units, float[B, T, n_mels] + mask[B, T]):
   - `spectrogram_l1`, `spectrogram_l2`: mean absolute / squared error over valid frames.
   - `mel_cepstral_distortion`: MCD in dB from the DCT of the log-mel, c0 excluded.
@@ -114,6 +117,36 @@ def qa_accuracy(
     )
 
 
+def _words(text_or_words: str | Sequence[str]) -> list[str]:
+    if isinstance(text_or_words, str):
+        return normalize_text(text_or_words).split()
+    return normalize_text(" ".join(text_or_words)).split()
+
+
+def word_accuracy(
+    reference_words: str | Sequence[str], hypothesis_words: str | Sequence[str]
+) -> float:
+    """1 - WER of one hypothesis, clipped at 0: max(0, 1 - (S + D + I) / N).
+
+    S, D, I are the substitutions, deletions and insertions of the word-level edit distance
+    (Levenshtein, unit costs) and N the reference's word count, after `normalize_text` of both
+    sides (a string, or a sequence of words joined by spaces). 1 = every word right, 0 = at
+    least as many errors as reference words (the clip keeps a babbling hypothesis from going
+    negative, so means over examples stay in [0, 1]). An empty reference scores 1 against an
+    empty hypothesis and 0 against any other.
+    """
+    ref, hyp = _words(reference_words), _words(hypothesis_words)
+    if not ref:
+        return 0.0 if hyp else 1.0
+    # One row of the edit-distance table at a time: row[j] = distance(ref[:i], hyp[:j]).
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, start=1):
+        diagonal, row[0] = row[0], i
+        for j, h in enumerate(hyp, start=1):
+            diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diagonal + (r != h))
+    return max(0.0, 1.0 - row[-1] / len(ref))
+
+
 # ------------------------------------------------------------------------------------------------
 # Embeddings.
 # ------------------------------------------------------------------------------------------------
@@ -128,6 +161,22 @@ def cosine_similarity(a: np.ndarray, b: np.ndarray, eps: float = 1e-8) -> np.nda
     dot = np.sum(a * b, axis=-1)
     norms = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
     return (dot / np.maximum(norms, eps)).astype(np.float32)
+
+
+def speaker_gap(sim_own: Sequence[float], sim_other: Sequence[float]) -> float:
+    """mean(sim_own - sim_other) over the pairs where both are finite (NaN where none is).
+
+    `sim_own[i]`: cosine similarity of example i's prompt speaker to its generated speech;
+    `sim_other[i]`: of the same prompt to another speaker's generated speech. The gap is the
+    part of the similarity owed to the speaker rather than to what all speech (and the vocoder's
+    sound) shares: 0 = the generation keeps nothing of its prompt's voice, > 0 = it does.
+    """
+    own = np.asarray(sim_own, np.float64)
+    other = np.asarray(sim_other, np.float64)
+    if own.shape != other.shape or own.ndim != 1:
+        raise ValueError(f"expected two float[N] of one length, got {own.shape}, {other.shape}")
+    both = np.isfinite(own) & np.isfinite(other)
+    return float(np.mean(own[both] - other[both])) if both.any() else float("nan")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -15,6 +15,19 @@ the reference prompt transcript (`evaluation.text.split_text`). Then:
 - `speaker_similarity` (all): cosine of speaker embeddings, prompt vs generated speech.
 - `log_perplexity`, `perplexity` (continuation, with `asr_dir` and `lm_dir`): NLL per token of the
   ASR transcript of the generated speech under GPT-2, given the prompt transcript as context.
+- `judge_*` (with `options.judges`): figures of pretrained judges, PocketSphinx ASR and the
+  Resemblyzer speaker encoder (`evaluation/judges.py` lists them). They hear: the generated
+  continuation through the run's vocoder; the prompt and reference continuation recordings of
+  the task's source (read by example id; `load_examples(with_audio=True)`); the reference
+  log-mel through the vocoder; and, where the source has no prompt recording, the prompt's
+  log-mel through the vocoder when the front end is the log-mel (else the prompt is skipped).
+- `length_error_frames_mae`, `length_error_frames_mean` (continuation): generated minus reference
+  length in frames (> 0 = too long); `hit_max_fraction` (all): examples that ran to the maximum
+  without the stop logit ending them (1 when decoding a fixed duration).
+
+A model with a stop head ends its speech by itself unless `options.fixed_duration`; the decoded
+length is then at most `options.seconds` (default: `max_length_factor` times the longest
+reference, so that speaking too long shows in the length error instead of being cut).
 
 Speaker embeddings come from `options.speaker_encoder` (a `MelStatsSpeakerEncoder` `.npz`), or by
 default from `MelStatsSpeakerEncoder` normalised on the evaluated prompts (see
@@ -42,7 +55,7 @@ import gin
 import numpy as np
 
 from spectron_jax import inference
-from spectron_jax.evaluation import metrics, plots, report
+from spectron_jax.evaluation import judges, metrics, plots, report
 from spectron_jax.evaluation.speaker import MelStatsSpeakerEncoder, load_speaker_encoder
 from spectron_jax.evaluation.text import split_text
 from spectron_jax.interfaces import EvalContext
@@ -66,8 +79,16 @@ class EvalOptions:
       vocoder, vocoder_dir: see `inference.make_vocoder`.
       speaker_encoder: `.npz` of a `MelStatsSpeakerEncoder`; None = cohort-normalised default.
       asr_dir, lm_dir: local transformers folders (ASR model, GPT-2) for the log-perplexity.
+      judges: also score the audio with the pretrained judges of `evaluation/judges.py`
+        (needs `pip install -e ".[judges]"`).
+      asr_words: the judge ASR's vocabulary (`judges.resolve_asr_words`: "numbers",
+        "references", a word-list file or comma-separated words); None = general English.
       seed: decoding seed (pre-net dropout, sampling).
       worst_cases: examples listed per metric in the report.
+      fixed_duration: ignore the stop head: generate the whole duration.
+      stop_threshold: stop probability that ends the speech (models with a stop head).
+      max_length_factor: with the stop logit and `seconds` None, the maximum is this times the
+        longest reference continuation.
     """
 
     seconds: float | None = None
@@ -81,8 +102,13 @@ class EvalOptions:
     speaker_encoder: str | None = None
     asr_dir: str | None = None
     lm_dir: str | None = None
+    judges: bool = False
+    asr_words: str | None = None
     seed: int = 0
     worst_cases: int = 5
+    fixed_duration: bool = False
+    stop_threshold: float = 0.5
+    max_length_factor: float = 1.5
 
 
 @dataclasses.dataclass
@@ -109,8 +135,15 @@ def _text(x: Any) -> str:
     return x.decode("utf-8") if isinstance(x, bytes) else str(x)
 
 
-def load_examples(task: str, split: str, max_examples: int | None = None) -> list[dict]:
-    """The first `max_examples` task examples of a split as numpy dicts (strings decoded)."""
+def load_examples(
+    task: str, split: str, max_examples: int | None = None, *, with_audio: bool = False
+) -> list[dict]:
+    """The first `max_examples` task examples of a split as numpy dicts (strings decoded).
+
+    With `with_audio`, each example also gets the recordings of its task's source (by id),
+    `prompt_audio` and `continuation_audio` (float32[S] at the target spectrogram's rate),
+    where the source has them (`attach_source_audio`).
+    """
     import seqio
 
     import spectron_tasks  # noqa: F401 - registers the tasks
@@ -130,7 +163,33 @@ def load_examples(task: str, split: str, max_examples: int | None = None) -> lis
         examples.append(ex)
     if not examples:
         raise ValueError(f"task {task!r} split {split!r} gave no examples")
+    if with_audio:
+        attach_source_audio(provider, split, examples)
     return examples
+
+
+def attach_source_audio(provider: Any, split: str, examples: list[dict]) -> int:
+    """Adds `prompt_audio` / `continuation_audio` of the task's raw source to the examples whose
+    (non-empty, unique) id the source yields; returns how many got them.
+
+    The task's preprocessors replace the recordings by features, so the judges read them from
+    the source, in the same order, until every id is found. A mixture (no single source) or a
+    source without those keys leaves the examples as they are.
+    """
+    wanted = {ex["id"]: ex for ex in examples if ex["id"]}
+    source = getattr(provider, "source", None)
+    if source is None or len(wanted) != sum(1 for ex in examples if ex["id"]):
+        return 0
+    found = 0
+    for raw in source.get_dataset(split=split, shuffle=False).as_numpy_iterator():
+        ex = wanted.pop(_text(raw.get("id", b"")), None)
+        if ex is not None and "prompt_audio" in raw and "continuation_audio" in raw:
+            ex["prompt_audio"] = np.asarray(raw["prompt_audio"], np.float32)
+            ex["continuation_audio"] = np.asarray(raw["continuation_audio"], np.float32)
+            found += 1
+        if not wanted:
+            break
+    return found
 
 
 def _check_dims(config: Any, ex: dict) -> None:
@@ -228,6 +287,43 @@ def aggregate(records: Sequence[dict]) -> dict[str, Any]:
             out[key] = value
     if "log_perplexity" in out:
         out["perplexity"] = float(math.exp(out["log_perplexity"]))
+    timed = [r for r in records if "generated_frames" in r]
+    out.update(
+        length_figures(
+            [r["generated_frames"] for r in timed],
+            [r.get("reference_frames") for r in timed],
+            [r["stopped"] for r in timed],
+        )
+    )
+    out.update(judges.summarize(records))
+    return out
+
+
+def length_figures(
+    generated: Sequence[int], reference: Sequence[int | None], stopped: Sequence[bool]
+) -> dict[str, float]:
+    """Generated against reference speech length, in frames.
+
+    Args:
+      generated: frames generated per example.
+      reference: the reference continuation's frames per example; None where there is none
+        (a spoken answer): those examples count only in `hit_max_fraction`.
+      stopped: per example, whether the stop logit ended it (False: it ran to the maximum).
+
+    Returns:
+      `length_error_frames_mae` (mean |generated - reference|) and `length_error_frames_mean`
+      (mean generated - reference, > 0 = too long) over the examples with a reference, and
+      `hit_max_fraction` over all; {} for no examples.
+    """
+    if not len(generated) == len(reference) == len(stopped):
+        raise ValueError(f"{len(generated)}, {len(reference)}, {len(stopped)} lengths given")
+    out = {}
+    if len(stopped):
+        out["hit_max_fraction"] = float(np.mean([not s for s in stopped]))
+    errors = [g - r for g, r in zip(generated, reference, strict=True) if r is not None]
+    if errors:
+        out["length_error_frames_mae"] = float(np.mean(np.abs(errors)))
+        out["length_error_frames_mean"] = float(np.mean(errors))
     return out
 
 
@@ -270,6 +366,8 @@ def evaluate_examples(
     """
     for ex in examples:
         _check_dims(loaded.config, ex)
+    if options.judges:
+        judges.check_installed()  # Before decoding: a missing extra should not cost a decode.
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     decode_config, generations = decode_examples(loaded, examples, options)
@@ -294,24 +392,29 @@ def decode_config_for(
 ) -> Any:
     """The one `DecodeConfig` of a run: one frame count for every example (one compile).
 
-    `options.seconds`, else the longest reference continuation (`qa_seconds` for QA examples),
-    rounded up to whole frame groups.
+    `options.seconds`, else the longest reference continuation (`qa_seconds` for QA examples;
+    times `max_length_factor` when the stop logit ends the speech), rounded up to whole frame
+    groups. The stop logit is on for a model with a stop head unless `fixed_duration`.
     """
     from spectron_jax import decoding
 
     config = loaded.config
+    use_stop = config.stop_head and not options.fixed_duration
     if options.seconds is not None:
         max_frames = inference.num_frames_for(config, options.seconds)
     else:
         qa_frames = inference.num_frames_for(config, options.qa_seconds)
         max_frames = max(int(ex["continuation_length"]) or qa_frames for ex in examples)
+        if use_stop:
+            max_frames = math.ceil(max_frames * options.max_length_factor)
         max_frames = ceil_div(max_frames, config.reduction_factor) * config.reduction_factor
-    return decoding.DecodeConfig(
+    return decoding.DecodeConfig.for_model(
+        loaded.model,
+        fixed_duration=options.fixed_duration,
         max_text_tokens=options.max_text_tokens,
         max_frames=max_frames,
+        stop_threshold=options.stop_threshold,
         seed=options.seed,
-        bos_id=loaded.model.bos_id,
-        eos_id=loaded.model.eos_id,
     )
 
 
@@ -354,6 +457,16 @@ class _Vocoder:
             self._vocoder = inference.make_vocoder(*self._args)
         return inference.vocode(self._vocoder, frames)
 
+    def bucketed(self, frames: np.ndarray, bucket: int = 64) -> np.ndarray:
+        """As `__call__`, for log-mels of many lengths (prompts, references): padded with silent
+        frames to a multiple of `bucket` so that the vocoder compiles once per bucket, not once
+        per length; the audio of the padding is cut off."""
+        spectrogram_config = self._args[1]
+        n = len(frames)
+        silence = np.full((-n % bucket, frames.shape[1]), spectrogram_config.log_silence)
+        padded = np.concatenate([frames, silence.astype(np.float32)])
+        return self(padded)[: n * spectrogram_config.hop_length]
+
 
 def score_examples(
     config: Any,
@@ -369,13 +482,15 @@ def score_examples(
     """
     speaker_encoder = _speaker_encoder(options, config, examples)
     asr, lm = _external_models(options)
+    panel = _judges(options, examples)
     vocoder = _Vocoder(options, config.spectrogram)
     fps, sr = config.spectrogram.frames_per_second, config.spectrogram.sample_rate
-    records, waveforms = [], []
+    records, waveforms, embeddings = [], [], []
     for i, (ex, gen) in enumerate(zip(examples, generations, strict=True)):
         record = text_record(i, ex, gen, fps)
         if record["kind"] == "continuation":
             score_frames(record, gen.frames, _reference(ex))
+        score_length(record, gen, _reference(ex))
         prompt_mel = _prompt_log_mel(config, ex)
         anchor = prompt_mel if prompt_mel is not None else _reference(ex)
         if len(gen.frames) and len(anchor):
@@ -384,14 +499,39 @@ def score_examples(
                     speaker_encoder.embed(anchor), speaker_encoder.embed(gen.frames)
                 )
             )
-        needs_audio = asr is not None or i < options.num_samples
+        needs_audio = asr is not None or panel is not None or i < options.num_samples
         waveform = vocoder(gen.frames) if needs_audio and len(gen.frames) else None
         if asr is not None and waveform is not None:
             score_speech(record, asr.transcribe(waveform, sr), lm)
+        if panel is not None:
+            embeddings.append(panel.judge(record, judged_audio(config, ex, waveform, vocoder)))
         records.append(record)
         if i < options.num_samples:
             waveforms.append(waveform)
+    if panel is not None:
+        judges.judge_other_speakers(records, embeddings)
     return records, waveforms
+
+
+def judged_audio(
+    config: Any, ex: dict, generated: np.ndarray | None, vocoder: _Vocoder
+) -> judges.JudgedAudio:
+    """What the judges hear of one example (`judges.JudgedAudio`): the recordings where the
+    example carries them, else the vocoded log-mel where there is one."""
+    prompt, source = ex.get("prompt_audio"), "recording"
+    if prompt is None or not len(prompt):
+        prompt_mel = _prompt_log_mel(config, ex)
+        has_mel = prompt_mel is not None and len(prompt_mel)
+        prompt, source = (vocoder.bucketed(prompt_mel), "vocoded") if has_mel else (None, None)
+    reference = _reference(ex)
+    return judges.JudgedAudio(
+        sample_rate=config.spectrogram.sample_rate,
+        prompt=prompt,
+        prompt_source=source,
+        generated=generated,
+        reference=ex.get("continuation_audio"),
+        reference_vocoded=vocoder.bucketed(reference) if len(reference) else None,
+    )
 
 
 def text_record(i: int, ex: dict, gen: inference.Generation, fps: float) -> dict:
@@ -414,6 +554,16 @@ def text_record(i: int, ex: dict, gen: inference.Generation, fps: float) -> dict
     }
     score_text(record, is_qa)
     return record
+
+
+def score_length(record: dict, gen: inference.Generation, reference: np.ndarray) -> None:
+    """The generated length in frames, whether the stop logit ended it and, for a continuation,
+    its error against the reference float32[T_r, M] (in place)."""
+    record["generated_frames"] = len(gen.frames)
+    record["stopped"] = bool(gen.stopped)
+    if record["kind"] == "continuation":
+        record["reference_frames"] = len(reference)
+        record["length_error_frames"] = len(gen.frames) - len(reference)
 
 
 def score_speech(record: dict, asr_text: str, lm: Any) -> None:
@@ -484,6 +634,8 @@ def write_results(
             "log-perplexity skipped: it needs both --asr-dir (a local ASR model) and --lm-dir "
             "(a local GPT-2); nothing is downloaded"
         )
+    if options.judges:
+        notes += judges.notes(records, _asr_words(options, records), options.vocoder)
     header = {**header, "notes": notes}
     json_path = out / "metrics.json"
     json_path.write_text(
@@ -496,7 +648,9 @@ def write_results(
     )
     report_path = out / "report.md"
     report_path.write_text(
-        report.markdown(header, figures, records, options.worst_cases), encoding="utf-8"
+        report.markdown(header, figures, records, options.worst_cases)
+        + judges.markdown(figures, [n for n in notes if n.startswith("judge")]),
+        encoding="utf-8",
     )
     report.write_tensorboard(
         out / "tensorboard",
@@ -529,6 +683,16 @@ def _speaker_encoder(options: EvalOptions, config: Any, examples: Sequence[dict]
     ]
     encoder = MelStatsSpeakerEncoder(num_coefficients=min(20, config.n_mels - 1))
     return encoder.with_cohort(anchors) if len(anchors) >= 2 else encoder
+
+
+def _asr_words(options: EvalOptions, examples: Sequence[dict]) -> tuple[str, ...] | None:
+    texts = [t for ex in examples for t in (ex["prompt_text"], ex["continuation_text"])]
+    return judges.resolve_asr_words(options.asr_words, texts)
+
+
+def _judges(options: EvalOptions, examples: Sequence[dict]) -> judges.Judges | None:
+    """The pretrained judges when `options.judges` (ImportError naming the extra if absent)."""
+    return judges.Judges.create(_asr_words(options, examples)) if options.judges else None
 
 
 def _external_models(options: EvalOptions):
@@ -581,7 +745,9 @@ class TaskEvaluator:
         out = self.out_dir or os.path.join(
             context.model_dir, "eval", f"{self.task}-{self.split}", f"step_{context.step}"
         )
-        examples = load_examples(self.task, self.split, self.options.max_examples)
+        examples = load_examples(
+            self.task, self.split, self.options.max_examples, with_audio=self.options.judges
+        )
         self.last_result = evaluate_examples(
             loaded,
             examples,

@@ -95,8 +95,19 @@ class PostNet(nn.Module):
 
 
 class StopHead(nn.Module):
-    """End-of-speech logit per decoder step: float[B, N, D] -> float32[B, N]."""
+    """End-of-speech logit per decoder step: float[B, N, D] -> float32[B, N].
 
+    The logit says "this group is the last one" (`losses.stop_targets`); decoding stops after
+    the first group whose sigmoid crosses its threshold.
+
+    Attributes:
+      initial_bias: the bias at initialisation. Negative (sigmoid(-4) ~ 0.02, about one end per
+        fifty groups) so that an untrained head does not end speech at random: with a zero bias
+        half the groups of a fresh model would cross the default 0.5 threshold.
+      param_dtype: parameter dtype.
+    """
+
+    initial_bias: float = -4.0
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -106,7 +117,9 @@ class StopHead(nn.Module):
             dtype=jnp.float32,
             param_dtype=self.param_dtype,
             kernel_init=nn.with_logical_partitioning(default_kernel_init(), ("embed", None)),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
+            bias_init=nn.with_logical_partitioning(
+                nn.initializers.constant(self.initial_bias), (None,)
+            ),
             name="dense",
         )(hidden.astype(jnp.float32))
         return x[..., 0]

@@ -1,0 +1,1 @@
+"""Pretraining stages before Spectron: models trained on one modality, loaded by Spectron."""
