@@ -66,7 +66,7 @@ def example_input_shapes(
     }
 
 
-class SpectronModel:
+class SpectronModel(vocabularies.TextContract):
     """Spectron with the T5X `BaseModel` methods.
 
     Attributes:
@@ -95,39 +95,12 @@ class SpectronModel:
         """
         self.config = config
         self.module = Spectron(config)
-        if vocabulary is None:
-            vocabulary = vocabularies.vocabulary(light=True)
-        self.vocabulary = vocabulary
-        self.special_ids = vocabularies.special_ids(self.vocabulary, bos_id=bos_id, eos_id=eos_id)
+        self._set_vocabulary(vocabulary, bos_id, eos_id)
 
-    def check_vocabulary_fits(self) -> None:
-        """Raises ValueError when the vocabulary has more ids than the decoder embeds (the data
-        pipeline and checkpoint loading call it; random test models need not fit the default)."""
-        if self.vocabulary.vocab_size > self.config.decoder.vocab_size:
-            raise ValueError(
-                f"vocabulary {vocabularies.describe(self.vocabulary)} has "
-                f"{self.vocabulary.vocab_size} ids but the decoder embeds only "
-                f"{self.config.decoder.vocab_size} (decoder_config.vocab_size): pass the "
-                "vocabulary the model was built for"
-            )
+    # -- the data contract (vocabulary, special ids: `TextContract`) ------------------------
 
-    # -- the data contract -------------------------------------------------------------------
-
-    @property
-    def input_vocabulary(self) -> Vocabulary:
-        return self.vocabulary
-
-    @property
-    def output_vocabulary(self) -> Vocabulary:
-        return self.vocabulary
-
-    @property
-    def bos_id(self) -> int:
-        return self.special_ids.bos_id
-
-    @property
-    def eos_id(self) -> int:
-        return self.special_ids.eos_id
+    def _id_capacity(self) -> int:
+        return self.config.decoder.vocab_size
 
     @property
     def reduction_factor(self) -> int:

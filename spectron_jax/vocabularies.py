@@ -177,6 +177,58 @@ def vocabulary(path: PathLike | None = None, extra_ids: int = 0, light: bool = F
     return sentencepiece_vocabulary(path, extra_ids=extra_ids)
 
 
+class TextContract:
+    """The text half of a model's data contract, shared by every model the trainer runs.
+
+    A mixin: the model calls `_set_vocabulary` in its constructor and says how many ids it
+    scores (`_id_capacity`, and the knob that sets it for the message); it then has the
+    vocabulary, its special ids, T5X's `input_vocabulary` / `output_vocabulary`, and
+    `check_vocabulary_fits` (which the data pipeline and checkpoint loading call).
+    """
+
+    vocabulary: Any
+    special_ids: SpecialIds
+    ID_CAPACITY_KNOB = "decoder_config.vocab_size"
+
+    def _set_vocabulary(
+        self, vocabulary_: Any = None, bos_id: int | None = None, eos_id: int | None = None
+    ) -> None:
+        """Default: the shipped tiny SentencePiece model, without TensorFlow."""
+        self.vocabulary = vocabulary_ if vocabulary_ is not None else vocabulary(light=True)
+        self.special_ids = special_ids(self.vocabulary, bos_id=bos_id, eos_id=eos_id)
+
+    def _id_capacity(self) -> int:
+        """How many ids the model embeds or scores."""
+        raise NotImplementedError
+
+    def check_vocabulary_fits(self) -> None:
+        """Raises ValueError when the vocabulary has more ids than the model embeds or scores
+        (random test models need not fit the default vocabulary, so this is not checked at
+        construction)."""
+        if self.vocabulary.vocab_size > self._id_capacity():
+            raise ValueError(
+                f"vocabulary {describe(self.vocabulary)} has {self.vocabulary.vocab_size} ids "
+                f"but the model embeds only {self._id_capacity()} ({self.ID_CAPACITY_KNOB}): "
+                "pass the vocabulary the model was built for"
+            )
+
+    @property
+    def input_vocabulary(self) -> Any:
+        return self.vocabulary
+
+    @property
+    def output_vocabulary(self) -> Any:
+        return self.vocabulary
+
+    @property
+    def bos_id(self) -> int:
+        return self.special_ids.bos_id
+
+    @property
+    def eos_id(self) -> int:
+        return self.special_ids.eos_id
+
+
 @functools.cache
 def default_vocabulary() -> Any:
     """The shipped tiny SentencePiece vocabulary as `seqio.SentencePieceVocabulary`.

@@ -147,7 +147,9 @@ def _wide_config():
 def test_vocabulary_larger_than_the_decoder_is_an_error(bos2_task):
     name, _ = bos2_task
     model = SpectronModel(tiny_config())  # default tiny vocabulary: 1000 ids > 32
-    with pytest.raises(ValueError, match="1000 ids but the decoder embeds only 32"):
+    with pytest.raises(
+        ValueError, match=r"1000 ids but the model embeds only 32 \(decoder_config.vocab_size\)"
+    ):
         data.seqio_dataset_fn(name, LENGTHS, 8, model=model)
 
 

@@ -428,7 +428,7 @@ def feature_converter_class() -> type:
 # ------------------------------------------------------------------------------------------------
 
 
-class CtcEncoderModel:
+class CtcEncoderModel(vocabularies.TextContract):
     """The stage-1 ASR encoder with the T5X `BaseModel` methods.
 
     Attributes:
@@ -455,37 +455,14 @@ class CtcEncoderModel:
         """
         self.config = config
         self.module = CtcEncoder(config)
-        if vocabulary is None:
-            vocabulary = vocabularies.vocabulary(light=True)
-        self.vocabulary = vocabulary
-        self.special_ids = vocabularies.special_ids(self.vocabulary, bos_id=bos_id, eos_id=eos_id)
+        self._set_vocabulary(vocabulary, bos_id, eos_id)
 
-    def check_vocabulary_fits(self) -> None:
-        """Raises ValueError when the vocabulary has more ids than the head scores."""
-        if self.vocabulary.vocab_size > self.config.vocab_size:
-            raise ValueError(
-                f"vocabulary {vocabularies.describe(self.vocabulary)} has "
-                f"{self.vocabulary.vocab_size} ids but the CTC head scores only "
-                f"{self.config.vocab_size} (ctc_encoder_config.vocab_size)"
-            )
+    # -- the data contract (vocabulary, special ids: `TextContract`) ------------------------
 
-    # -- the data contract -------------------------------------------------------------------
+    ID_CAPACITY_KNOB = "ctc_encoder_config.vocab_size"
 
-    @property
-    def input_vocabulary(self) -> Vocabulary:
-        return self.vocabulary
-
-    @property
-    def output_vocabulary(self) -> Vocabulary:
-        return self.vocabulary
-
-    @property
-    def bos_id(self) -> int:
-        return self.special_ids.bos_id
-
-    @property
-    def eos_id(self) -> int:
-        return self.special_ids.eos_id
+    def _id_capacity(self) -> int:
+        return self.config.vocab_size
 
     @property
     def blank_id(self) -> int:

@@ -158,7 +158,7 @@ def feature_converter_class() -> type:
     return TextLmFeatureConverter
 
 
-class TextLmModel:
+class TextLmModel(vocabularies.TextContract):
     """The stage-2 text LM with the T5X `BaseModel` methods.
 
     Attributes:
@@ -186,35 +186,12 @@ class TextLmModel:
             config = TextLmConfig(decoder=config)
         self.config = config
         self.module = TextLm(config.decoder)
-        self.vocabulary = vocabulary or vocabularies.vocabulary(light=True)
-        self.special_ids = vocabularies.special_ids(self.vocabulary, bos_id=bos_id, eos_id=eos_id)
+        self._set_vocabulary(vocabulary, bos_id, eos_id)
 
-    def check_vocabulary_fits(self) -> None:
-        """Raises ValueError when the vocabulary has more ids than the decoder embeds."""
-        if self.vocabulary.vocab_size > self.config.decoder.vocab_size:
-            raise ValueError(
-                f"vocabulary {vocabularies.describe(self.vocabulary)} has "
-                f"{self.vocabulary.vocab_size} ids but the decoder embeds only "
-                f"{self.config.decoder.vocab_size} (decoder_config.vocab_size)"
-            )
+    # -- the data contract (vocabulary, special ids: `TextContract`) ------------------------
 
-    # -- the data contract -------------------------------------------------------------------
-
-    @property
-    def input_vocabulary(self) -> Vocabulary:
-        return self.vocabulary
-
-    @property
-    def output_vocabulary(self) -> Vocabulary:
-        return self.vocabulary
-
-    @property
-    def bos_id(self) -> int:
-        return self.special_ids.bos_id
-
-    @property
-    def eos_id(self) -> int:
-        return self.special_ids.eos_id
+    def _id_capacity(self) -> int:
+        return self.config.decoder.vocab_size
 
     @property
     def FEATURE_CONVERTER_CLS(self) -> type:  # noqa: N802 - T5X's name for it.
