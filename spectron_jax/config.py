@@ -187,6 +187,12 @@ def config_from_gin_file(path: str, search_paths: tuple[str, ...] = ()) -> Spect
     return spectron_config()  # Bound by the file.
 
 
+def dtype_overrides(dtype: str | None, param_dtype: str | None) -> dict[str, str]:
+    """The dtype fields a config factory sets on every part alike (only those given)."""
+    dtypes = {"dtype": dtype, "param_dtype": param_dtype}
+    return {k: v for k, v in dtypes.items() if v is not None}
+
+
 @gin.configurable(module="spectron")
 def spectron_config(
     decoder: DecoderConfig = gin.REQUIRED,
@@ -209,11 +215,7 @@ def spectron_config(
     Returns:
       The frozen config.
     """
-    dtypes = {}
-    if dtype is not None:
-        dtypes["dtype"] = dtype
-    if param_dtype is not None:
-        dtypes["param_dtype"] = param_dtype
+    dtypes = dtype_overrides(dtype, param_dtype)
     if dtypes:
         decoder = dataclasses.replace(decoder, **dtypes)
         encoder = dataclasses.replace(encoder, **dtypes)

@@ -26,7 +26,7 @@ from spectron_jax.nn.layers import ceil_div
 FeatureSpec = seqio.FeatureConverter.FeatureSpec
 
 
-def _pad_or_trim(x: tf.Tensor, length: int) -> tf.Tensor:
+def pad_or_trim(x: tf.Tensor, length: int) -> tf.Tensor:
     """Pads (zeros) or trims axis 0 of x to `length`, keeping the static shape known."""
     x = x[:length]
     paddings = [[0, length - tf.shape(x)[0]]] + [[0, 0]] * (len(x.shape) - 1)
@@ -122,13 +122,13 @@ class SpectronFeatureConverter(seqio.FeatureConverter):
         n_frames = tf.shape(ex["continuation_frames"])[0]
         n_frames = tf.minimum(n_frames, tf.cast(ex.get("continuation_length", n_frames), tf.int32))
         return {
-            "encoder_features": _pad_or_trim(ex["prompt_features"], t_p),
+            "encoder_features": pad_or_trim(ex["prompt_features"], t_p),
             "encoder_mask": _valid_mask(n_enc, t_p),
-            "decoder_input_tokens": _pad_or_trim(inputs, text_len),
-            "decoder_target_tokens": _pad_or_trim(targets, text_len),
+            "decoder_input_tokens": pad_or_trim(inputs, text_len),
+            "decoder_target_tokens": pad_or_trim(targets, text_len),
             "decoder_loss_weights": tf.cast(positions < n_text, tf.float32),
             "text_part": text_part,
-            "target_frames": _pad_or_trim(ex["continuation_frames"], t_f),
+            "target_frames": pad_or_trim(ex["continuation_frames"], t_f),
             "frame_mask": _valid_mask(n_frames, t_f),
         }
 

@@ -39,7 +39,7 @@ import optax
 
 from spectron_jax import vocabularies
 from spectron_jax.audio.spectrogram import SpectrogramConfig
-from spectron_jax.config import FRONT_ENDS, W2V_BERT_FBANK_DIM
+from spectron_jax.config import FRONT_ENDS, W2V_BERT_FBANK_DIM, dtype_overrides
 from spectron_jax.interfaces import Vocabulary
 from spectron_jax.nn.conformer import ConformerConfig, ConformerEncoder
 from spectron_jax.nn.layers import default_kernel_init
@@ -142,11 +142,7 @@ def ctc_encoder_config(
 ) -> CtcEncoderConfig:
     """Builds a `CtcEncoderConfig`; `dtype` / `param_dtype` apply to the encoder and the head
     alike (as `spectron.spectron_config` does), `knobs` are the remaining fields."""
-    dtypes = {}
-    if dtype is not None:
-        dtypes["dtype"] = dtype
-    if param_dtype is not None:
-        dtypes["param_dtype"] = param_dtype
+    dtypes = dtype_overrides(dtype, param_dtype)
     if dtypes:
         encoder = dataclasses.replace(encoder, **dtypes)
     return CtcEncoderConfig(
@@ -337,12 +333,9 @@ def feature_converter_class() -> type:
     import seqio
     import tensorflow as tf
 
-    spec = seqio.FeatureConverter.FeatureSpec
+    from spectron_jax.feature_converter import pad_or_trim as pad_to
 
-    def pad_to(x, length):
-        x = x[:length]
-        x = tf.pad(x, [[0, length - tf.shape(x)[0]]] + [[0, 0]] * (len(x.shape) - 1))
-        return tf.ensure_shape(x, [length, *x.shape[1:]])
+    spec = seqio.FeatureConverter.FeatureSpec
 
     class CtcFeatureConverter(seqio.FeatureConverter):
         """Task features (CONTRACTS.md §1) -> CTC rows (module docstring), padded, never packed.
