@@ -386,21 +386,60 @@ def _merge(a: dict[str, Any], b: Mapping[str, Any]) -> None:
             a[k] = v
 
 
+InitSources = Mapping[str, Mapping[str, str] | Sequence[str] | None]
+
+
+def init_sources(
+    init_checkpoint: str | None = None,
+    init_subtrees: Mapping[str, str] | Sequence[str] | None = None,
+    init_checkpoints: InitSources | None = None,
+) -> dict[str, Mapping[str, str] | Sequence[str] | None]:
+    """Joins the one-source arguments and the {checkpoint: subtrees} form into one dict.
+
+    Raises:
+      ValueError: two sources fill the same target subtree (or one of them the whole tree).
+    """
+    sources = dict(init_checkpoints or {})
+    if init_checkpoint:
+        if init_checkpoint in sources:
+            raise ValueError(f"init checkpoint {init_checkpoint} is named twice")
+        sources[init_checkpoint] = init_subtrees
+    owners: dict[str, str] = {}
+    for source, subtrees in sources.items():
+        for dst in _targets(subtrees):
+            for other, owner in owners.items():
+                if dst == other or "" in (dst, other) or dst.startswith(other + "/") or (
+                    other.startswith(dst + "/")
+                ):
+                    raise ValueError(
+                        f"init subtree {dst or 'params'!r} of {source} overlaps "
+                        f"{other or 'params'!r} of {owner}: each parameter has one source"
+                    )
+            owners[dst] = source
+    return sources
+
+
+def _targets(subtrees: Mapping[str, str] | Sequence[str] | None) -> list[str]:
+    if subtrees is None:
+        return [""]
+    return list(subtrees.keys() if isinstance(subtrees, Mapping) else subtrees)
+
+
 def resume_or_init(
     checkpointer: Checkpointer,
     abstract_state: PyTree,
     init_fn: Callable[[], PyTree],
-    init_checkpoint: str | None = None,
-    init_subtrees: Mapping[str, str] | Sequence[str] | None = None,
+    sources: InitSources | None = None,
 ) -> tuple[PyTree, dict[str, Any], str]:
-    """Resume order: newest readable checkpoint in the model dir -> init checkpoint -> scratch.
+    """Resume order: newest readable checkpoint in the model dir -> init checkpoints -> scratch.
 
     Args:
       checkpointer: the model dir's checkpointer.
       abstract_state: `TrainState` of ShapeDtypeStructs with shardings.
       init_fn: creates a fresh sharded state.
-      init_checkpoint: converted / pretrained weights (see `load_subtrees`).
-      init_subtrees: which params subtrees to take from it; None = all of "params".
+      sources: {converted / pretrained weights (see `load_subtrees`): the params subtrees to
+        take from it, None = all of "params"}, e.g. a stage-1 encoder and a stage-2 decoder
+        (`init_sources` joins and checks them). Everything no source names is the fresh init.
 
     Returns:
       (state, data position dict, a sentence saying where the state came from).
@@ -411,20 +450,21 @@ def resume_or_init(
         logger.info("init: %s", source)
         return restored.state, restored.data, source
     state = init_fn()
-    if init_checkpoint:
-        subtrees = init_subtrees if init_subtrees is not None else {"": "params"}
-        params = state.params
+    params, said = state.params, []
+    for checkpoint, subtrees in init_sources(init_checkpoints=sources).items():
+        subtrees = subtrees if subtrees is not None else {"": "params"}
+        if not isinstance(subtrees, Mapping):
+            subtrees = {p: p for p in subtrees}
         if "" in subtrees:  # the whole params tree
             wrapped = load_subtrees(
-                {"p": params}, init_checkpoint, {"p": subtrees[""]}, {"p": _shardings_of(params)}
+                {"p": params}, checkpoint, {"p": subtrees[""]}, {"p": _shardings_of(params)}
             )
             params = wrapped["p"]
         else:
-            params = load_subtrees(params, init_checkpoint, subtrees, _shardings_of(params))
-        state = state.replace(params=params)
-        source = f"initialised from {init_checkpoint} ({', '.join(subtrees) or 'params'})"
-    else:
-        source = "initialised from scratch"
+            params = load_subtrees(params, checkpoint, subtrees, _shardings_of(params))
+        said.append(f"{checkpoint} ({', '.join(s or 'params' for s in subtrees)})")
+    state = state.replace(params=params)
+    source = f"initialised from {'; '.join(said)}" if said else "initialised from scratch"
     logger.info("init: %s", source)
     return state, {"batches_consumed": 0}, source
 

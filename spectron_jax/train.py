@@ -132,6 +132,7 @@ def train(
     checkpoint_config: checkpoints.CheckpointConfig | None = None,
     init_checkpoint: str | None = None,
     init_subtrees: Sequence[str] | Mapping[str, str] | None = None,
+    init_checkpoints: checkpoints.InitSources | None = None,
     evaluators: Sequence[Evaluator] = (),
     log_every: int = 10,
     seed: int = 0,
@@ -151,6 +152,10 @@ def train(
       checkpoint_config: save / keep policy; a final checkpoint is always written.
       init_checkpoint: converted / pretrained weights for a fresh run (see `load_subtrees`).
       init_subtrees: params subtrees to take from `init_checkpoint`; None = all params.
+      init_checkpoints: several sources, {checkpoint: subtrees}, e.g. the recipe's stage-1
+        encoder and stage-2 decoder: `{'/s1/checkpoints': {'encoder': 'params/encoder'},
+        '/s2/checkpoints': {'decoder': 'params/decoder'}}`; joined with `init_checkpoint`
+        (no subtree may have two sources).
       evaluators: `interfaces.Evaluator`s (e.g. `evaluation.loss.LossEvaluator`), run every
         `evaluator.every` steps and after the last one (not after a preemption); figures go
         to TensorBoard under `evaluator.name/`.
@@ -177,8 +182,10 @@ def train(
     )
     if jax.process_index() == 0:
         (model_dir_path / "config.gin").write_text(gin.config_str())
+    # Checked before anything is built: a bad init config fails in seconds.
+    sources = checkpoints.init_sources(init_checkpoint, init_subtrees, init_checkpoints)
     init_rng, dropout_rng = jax.random.split(jax.random.key(seed))
-    start = _start(trainer, ckpt, dataset_fn, mesh, seed, init_rng, init_checkpoint, init_subtrees)
+    start = _start(trainer, ckpt, dataset_fn, mesh, seed, init_rng, sources)
     logger.info("train: %s; at step %d of %d", start.source, start.step, num_steps)
     # Compile once (AOT); XLA's FLOP count of the step feeds MFU.
     flops = summaries.compiled_flops(trainer.compile_train_step(start.first_batch, dropout_rng))
@@ -240,8 +247,7 @@ def _start(
     mesh: jax.sharding.Mesh,
     seed: int,
     init_rng: jax.Array,
-    init_checkpoint: str | None,
-    init_subtrees: Sequence[str] | Mapping[str, str] | None,
+    sources: checkpoints.InitSources,
 ) -> _Start:
     """Abstract state from the first batch, then resume -> init checkpoint -> scratch; the batch
     iterator continues exactly after the batches a resumed run already consumed."""
@@ -253,8 +259,7 @@ def _start(
         ckpt,
         trainer.setup(global_first),
         lambda: trainer.init_state(init_rng),
-        init_checkpoint=init_checkpoint,
-        init_subtrees=init_subtrees,
+        sources,
     )
     consumed = int(data_pos.get("batches_consumed", 0))
     if data_pos.get("seed", seed) != seed:

@@ -180,8 +180,7 @@ def test_partial_init_loads_only_the_given_subtrees(tmp_path):
         ckpt,
         trainer.abstract_state,
         lambda: fresh,
-        init_checkpoint=str(tmp_path / "converted"),
-        init_subtrees={"enc_wi": "params/enc_wi", "enc_wo": "params/enc_wo"},
+        {str(tmp_path / "converted"): {"enc_wi": "params/enc_wi", "enc_wo": "params/enc_wo"}},
     )
     assert "converted" in how and data == {"batches_consumed": 0}
     got, src, new = (tm.params_to_numpy(t.params) for t in (state, source, fresh))
@@ -194,3 +193,36 @@ def test_partial_init_loads_only_the_given_subtrees(tmp_path):
         checkpoints.load_subtrees(
             fresh.params, tmp_path / "converted", ["nope"], trainer.state_shardings.params
         )
+
+
+def test_init_from_two_checkpoints_takes_each_subtree_from_its_own(tmp_path):
+    """The recipe's stage 3: one subtree from one checkpoint, another from a second one."""
+    mesh = _mesh()
+    trainer = trainer_lib.Trainer(tm.TinyModel(), mesh)
+    trainer.setup(partitioning.host_local_batch_to_global(tm.first_batch(), mesh))
+    one, two, fresh = (trainer.init_state(jax.random.key(k)) for k in (1, 2, 3))
+    writer = ocp.StandardCheckpointer()
+    writer.save(tmp_path / "one", {"params": one.params})
+    writer.save(tmp_path / "two", {"params": two.params})
+    writer.wait_until_finished()
+    sources = checkpoints.init_sources(
+        str(tmp_path / "one"),
+        {"enc_wi": "params/enc_wi"},
+        {str(tmp_path / "two"): {"head": "params/head"}},
+    )
+    state, _, how = checkpoints.resume_or_init(
+        checkpoints.Checkpointer(tmp_path / "run"), trainer.abstract_state, lambda: fresh, sources
+    )
+    assert "one" in how and "two" in how
+    got = tm.params_to_numpy(state.params)
+    want = {"enc_wi": one, "head": two}
+    for name, value in got.items():
+        np.testing.assert_array_equal(
+            value, tm.params_to_numpy(want.get(name, fresh).params)[name], err_msg=name
+        )
+    with pytest.raises(ValueError, match="'head' of .*one overlaps 'head' of .*two"):
+        checkpoints.init_sources(
+            str(tmp_path / "one"), ["head"], {str(tmp_path / "two"): ["head"]}
+        )
+    with pytest.raises(ValueError, match="'params' of .*one overlaps 'head'"):
+        checkpoints.init_sources(str(tmp_path / "one"), None, {str(tmp_path / "two"): ["head"]})
