@@ -48,6 +48,12 @@ class SpectronConfig:
       prenet_dropout: pre-net dropout rate (Tacotron 2: 0.5).
       prenet_dropout_at_inference: keep pre-net dropout on outside training.
       postnet_hidden_dim: width of the post-net's hidden layer.
+      primer_frames: the acoustic prompt K: the speech stream starts with the last K frames of
+        the prompt's own log-mel, fed through the pre-net (no loss on them) before the first
+        continuation frame, in training and in decoding alike. 0 (the paper's layout): the
+        first frame slot reads zeros, and the voice must come through the prefix alone.
+        A multiple of `reduction_factor`; needs the "log_mel" front end (the prompt features
+        are then the target log-mel).
       stop_head: learn an end-of-speech logit on the frame slots (a BCE weighted by
         `loss.stop_weight`, its one positive per example by `loss.stop_pos_weight`); inference,
         the CLI and evaluation then end the speech on it unless asked for a fixed duration.
@@ -68,6 +74,7 @@ class SpectronConfig:
     prenet_dropout: float = 0.5
     prenet_dropout_at_inference: bool = True
     postnet_hidden_dim: int = 512
+    primer_frames: int = 0
     stop_head: bool = False
     loss: LossConfig = LossConfig()
     spec_augment: SpecAugmentConfig = SpecAugmentConfig()
@@ -93,10 +100,26 @@ class SpectronConfig:
         ):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be >= 1")
+        if self.primer_frames < 0 or self.primer_frames % max(self.reduction_factor, 1):
+            problems.append(
+                f"primer_frames={self.primer_frames} must be >= 0 and a multiple of "
+                f"reduction_factor={self.reduction_factor}"
+            )
+        if self.primer_frames and self.encoder_front_end != "log_mel":
+            problems.append(
+                f"primer_frames={self.primer_frames} needs encoder_front_end='log_mel' (the "
+                f"primer is read from the prompt features; {self.encoder_front_end!r} features "
+                "are not the target log-mel)"
+            )
         if not 0.0 <= self.prenet_dropout < 1.0:
             problems.append(f"prenet_dropout={self.prenet_dropout} must be in [0, 1)")
         if problems:
             raise ValueError("Invalid SpectronConfig: " + "; ".join(problems))
+
+    @property
+    def primer_groups(self) -> int:
+        """Frame slots of the acoustic prompt: primer_frames / reduction_factor."""
+        return self.primer_frames // self.reduction_factor
 
     @property
     def n_mels(self) -> int:

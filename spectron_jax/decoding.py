@@ -6,6 +6,8 @@ into one KV cache of S = P + text slots + N slots, in three phases:
     prefill  [P prefix slots][BOS]           one chunk, prefix bidirectional among itself
              (or [prefix][forced text])
     text     one slot per generated token    `lax.while_loop` until every row emitted EOS
+    primer   K / r slots, one chunk          the prompt's last K log-mel frames (only with
+                                             `primer_frames` K > 0), teacher-forced
     frames   one slot per frame group        `lax.while_loop`: pre-net(previous group) in,
                                              post-net group out, until N groups or the stop logit
 
@@ -44,7 +46,7 @@ from spectron_jax.network import Spectron
 from spectron_jax.nn.attention import decode_mask, positions_from_valid, prefix_lm_mask
 from spectron_jax.nn.decoder import Decoder, init_cache
 from spectron_jax.nn.layers import ceil_div
-from spectron_jax.nn.speech_heads import group_frames, ungroup_frames
+from spectron_jax.nn.speech_heads import group_frames, shift_groups, ungroup_frames
 
 if TYPE_CHECKING:
     from spectron_jax.config import SpectronConfig
@@ -411,7 +413,8 @@ def _prefill(
     first_tokens, first_valid, text_slots = _first_text(
         prog.options, batch, prog.knobs["bos_id"], b
     )
-    cache_length = p + text_slots + _num_groups(prog.options, c.reduction_factor)
+    n_groups = _num_groups(prog.options, c.reduction_factor)
+    cache_length = p + text_slots + (c.primer_groups + n_groups if n_groups else 0)
     cache = {"decoder": init_cache(Decoder(c.decoder), b, cache_length)}
 
     dtype = jnp.dtype(c.decoder.dtype)
@@ -527,8 +530,49 @@ def _frame_body(prog: _Program, s: FrameLoopState) -> FrameLoopState:
     )
 
 
-def _decode_frames(prog: _Program, cursor: CacheCursor, n_groups: int) -> dict[str, jax.Array]:
+def _feed_primer(
+    prog: _Program, cursor: CacheCursor, batch: Mapping[str, jax.Array]
+) -> tuple[CacheCursor, jax.Array]:
+    """Writes the acoustic prompt's K / r slots in one chunk, as training lays them out.
+
+    Returns:
+      (the cursor after them, float32[B, r * n_mels] the last primer group: the pre-net input
+      of the first generated group).
+    """
+    module = prog.module
+    groups, valid = prog.apply(Spectron.primer, batch["encoder_features"], batch["encoder_mask"])
+    kp = groups.shape[1]
+    key_valid = jax.lax.dynamic_update_slice(
+        cursor.key_valid, valid.astype(cursor.key_valid.dtype), (0, cursor.index)
+    )
+    positions = cursor.next_pos[:, None] + jnp.cumsum(valid, axis=1) - 1
+    # Its own dropout stream: the frame loop folds in the group index 0, 1, ...
+    rng = jax.random.fold_in(prog.dropout_rng, module.config.primer_groups + 2**20)
+    _, cache = prog.apply_cached(
+        cursor.cache,
+        _frame_step,
+        shift_groups(groups),
+        positions,
+        decode_mask(key_valid, cursor.index, kp),
+        rng=rng,
+    )
+    advanced = CacheCursor(
+        cache=cache,
+        index=cursor.index + kp,
+        key_valid=key_valid,
+        next_pos=cursor.next_pos + jnp.sum(valid, axis=1).astype(cursor.next_pos.dtype),
+    )
+    return advanced, groups[:, -1].astype(jnp.float32)
+
+
+def _decode_frames(
+    prog: _Program, cursor: CacheCursor, n_groups: int, prev: jax.Array | None = None
+) -> dict[str, jax.Array]:
     """Generates up to `n_groups` frame groups after the text, each fed back through the pre-net.
+
+    Args:
+      prev: float32[B, r * n_mels] the pre-net input of group 0 (the last primer group);
+        None = zeros, as in training without a primer.
 
     Returns:
       `frames` float32[B, max_frames, n_mels], `frame_lengths` int32[B], `stopped` bool[B]
@@ -540,7 +584,7 @@ def _decode_frames(prog: _Program, cursor: CacheCursor, n_groups: int) -> dict[s
     b, group_dim = cursor.next_pos.shape[0], r * n_mels
     state = FrameLoopState(
         cursor=cursor,
-        prev=jnp.zeros((b, group_dim), jnp.float32),  # Group -1 = zeros, as in training.
+        prev=jnp.zeros((b, group_dim), jnp.float32) if prev is None else prev,
         active=jnp.ones((b,), bool),
         groups=jnp.zeros((b, n_groups, group_dim), jnp.float32),
         stop_probs=jnp.zeros((b, n_groups), jnp.float32),
@@ -584,7 +628,10 @@ def _generate(
         out["frame_lengths"] = jnp.zeros((b,), jnp.int32)
         out["stopped"] = jnp.zeros((b,), bool)
         return out
-    out.update(_decode_frames(prog, cursor, n_groups))
+    prev = None
+    if module.config.primer_frames:
+        cursor, prev = _feed_primer(prog, cursor, batch)
+    out.update(_decode_frames(prog, cursor, n_groups, prev))
     return out
 
 

@@ -2,10 +2,15 @@
 
 One forward pass over the fixed-slot sequence of docs/CONTRACTS.md section 2:
 
-    [P prefix slots: connector(encoder(prompt))] [L text slots: embed(tokens)] [N frame slots]
+    [P prefix slots: connector(encoder(prompt))] [L text slots: embed(tokens)]
+    [K / r primer slots] [N frame slots]
 
 Frame slot j holds `pre_net(frame group j - 1)` (zeros for j = 0) and its post-net output predicts
-frame group j (`reduction_factor` frames). RoPE positions are `cumsum(valid) - 1`, so padding inside
+frame group j (`reduction_factor` frames). With `primer_frames` K > 0 the frame stream starts with
+the prompt's last K log-mel frames (`prompt_tail`): frame slot 0 then reads the last primer group,
+as if the continuation went on from the prompt's own voice, and the primer slots' outputs are not
+predictions of anything (no loss). Without it (K = 0, the paper's layout) the voice can only come
+through the prefix, while teacher forcing hands every later slot the true previous frame. RoPE positions are `cumsum(valid) - 1`, so padding inside
 any region shifts nothing; the mask is bidirectional among valid prefix slots and causal over valid
 slots elsewhere (`nn.attention.prefix_lm_mask`). Padded slots never change a valid output.
 
@@ -37,6 +42,24 @@ from spectron_jax.nn.speech_heads import (
 )
 
 Batch = dict[str, jax.Array]
+
+
+def prompt_tail(features: jax.Array, mask: jax.Array, length: int) -> tuple[jax.Array, jax.Array]:
+    """The last `length` valid frames of each prompt, right-aligned (the acoustic prompt).
+
+    Args:
+      features: float[B, T_p, M] prompt log-mel, valid frames first (`encoder_mask`).
+      mask: int[B, T_p].
+      length: K frames to take.
+
+    Returns:
+      (float32[B, K, M] zeros where a prompt is shorter than K, int32[B, K] 1 on real frames).
+    """
+    n = jnp.sum(mask > 0, axis=-1)
+    idx = n[:, None] - length + jnp.arange(length)[None, :]
+    valid = idx >= 0
+    tail = jnp.take_along_axis(features, jnp.maximum(idx, 0)[..., None], axis=1)
+    return tail.astype(jnp.float32) * valid[..., None], valid.astype(jnp.int32)
 
 
 def stack_frames(x: jax.Array, mask: jax.Array, stack: int) -> tuple[jax.Array, jax.Array]:
@@ -135,6 +158,12 @@ class Spectron(nn.Module):
         """Pre-net: float[B, N, r * n_mels] (the previous frame groups) -> float[B, N, D]."""
         return self.pre_net(prev_groups, deterministic=deterministic)
 
+    def primer(self, features: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Primer groups float32[B, K / r, r * n_mels] and their validity int32[B, K / r]."""
+        c = self.config
+        tail, valid = prompt_tail(features, mask, c.primer_frames)
+        return group_frames(tail, c.reduction_factor), group_mask(valid, c.reduction_factor)
+
     def frame_outputs(self, hidden: jax.Array) -> tuple[jax.Array, jax.Array | None]:
         """Heads on frame slots: float[B, N, D] -> (float32[B, N, r*n_mels], stop float32[B, N])."""
         groups = self.post_net(hidden)
@@ -175,6 +204,10 @@ class Spectron(nn.Module):
         frames = frames * (frame_mask > 0)[..., None]
         groups = group_frames(frames, r)  # [B,T_f,M] -> [B,N,r*M]
         frame_valid = group_mask(frame_mask, r)
+        if c.primer_frames:  # The stream starts from the prompt's own last frames.
+            primer, primer_valid = self.primer(batch["encoder_features"], batch["encoder_mask"])
+            groups = jnp.concatenate([primer, groups], axis=1)
+            frame_valid = jnp.concatenate([primer_valid, frame_valid], axis=1)
         frame_in = self.frame_inputs(shift_groups(groups), deterministic=deterministic)
 
         p, n_text = prefix.shape[1], tokens.shape[1]
@@ -187,7 +220,7 @@ class Spectron(nn.Module):
         hidden = self.decoder(x, positions, mask, deterministic=deterministic)
 
         logits = self.decoder.logits(hidden[:, p : p + n_text])
-        out_groups, stop = self.frame_outputs(hidden[:, p + n_text :])
+        out_groups, stop = self.frame_outputs(hidden[:, p + n_text + c.primer_groups :])
         pred_frames = ungroup_frames(out_groups, c.n_mels)  # [B,N,r*M] -> [B,T_f,M]
         aux = {"prefix_mask": prefix_mask, "attention_mask": mask, "positions": positions}
         if stop is not None:
