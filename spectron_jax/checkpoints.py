@@ -408,8 +408,11 @@ def init_sources(
     for source, subtrees in sources.items():
         for dst in _targets(subtrees):
             for other, owner in owners.items():
-                if dst == other or "" in (dst, other) or dst.startswith(other + "/") or (
-                    other.startswith(dst + "/")
+                if (
+                    dst == other
+                    or "" in (dst, other)
+                    or dst.startswith(other + "/")
+                    or (other.startswith(dst + "/"))
                 ):
                     raise ValueError(
                         f"init subtree {dst or 'params'!r} of {source} overlaps "

@@ -10,9 +10,11 @@ frame group j (`reduction_factor` frames). With `primer_frames` K > 0 the frame 
 the prompt's last K log-mel frames (`prompt_tail`): frame slot 0 then reads the last primer group,
 as if the continuation went on from the prompt's own voice, and the primer slots' outputs are not
 predictions of anything (no loss). Without it (K = 0, the paper's layout) the voice can only come
-through the prefix, while teacher forcing hands every later slot the true previous frame. RoPE positions are `cumsum(valid) - 1`, so padding inside
-any region shifts nothing; the mask is bidirectional among valid prefix slots and causal over valid
-slots elsewhere (`nn.attention.prefix_lm_mask`). Padded slots never change a valid output.
+through the prefix, while teacher forcing hands every later slot the true previous frame.
+
+RoPE positions are `cumsum(valid) - 1`, so padding inside any region shifts nothing; the mask
+is bidirectional among valid prefix slots and causal over valid slots elsewhere
+(`nn.attention.prefix_lm_mask`). Padded slots never change a valid output.
 
 Besides `__call__` (teacher-forced training), `encode`, `frame_inputs` and `frame_outputs` are the
 pieces that step-by-step decoding reuses through `Module.apply(..., method=...)`.

@@ -43,9 +43,7 @@ def test_primer_config_errors_name_the_problem():
 
 @pytest.fixture(scope="module")
 def primed():
-    config = st.tiny_config(
-        stop_head=True, prenet_dropout_at_inference=False, primer_frames=PRIMER
-    )
+    config = st.tiny_config(stop_head=True, prenet_dropout_at_inference=False, primer_frames=PRIMER)
     batch = st.random_batch(config, batch_size=3)  # Prompts of 16, 11 and 6 (< K) frames.
     params = st.init_params(config, batch)
     model = st.tiny_model(config)

@@ -221,8 +221,6 @@ def test_init_from_two_checkpoints_takes_each_subtree_from_its_own(tmp_path):
             value, tm.params_to_numpy(want.get(name, fresh).params)[name], err_msg=name
         )
     with pytest.raises(ValueError, match="'head' of .*one overlaps 'head' of .*two"):
-        checkpoints.init_sources(
-            str(tmp_path / "one"), ["head"], {str(tmp_path / "two"): ["head"]}
-        )
+        checkpoints.init_sources(str(tmp_path / "one"), ["head"], {str(tmp_path / "two"): ["head"]})
     with pytest.raises(ValueError, match="'params' of .*one overlaps 'head'"):
         checkpoints.init_sources(str(tmp_path / "one"), None, {str(tmp_path / "two"): ["head"]})
