@@ -277,15 +277,15 @@ class Judges:
 
     def judge(
         self, record: dict, audio: JudgedAudio
-    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
         """Adds one example's judged figures to its `runner` record (in place).
 
         The reference figures are for continuation examples only: a spoken answer's reference
         is the answer's gist, not a transcript of what should be heard.
 
         Returns:
-          (prompt, generated) speaker embeddings, float32[256] or None, for
-          `judge_other_speakers`.
+          (prompt, generated, reference continuation) speaker embeddings, float32[256] or
+          None, for `judge_other_speakers`.
         """
         sr, is_continuation = audio.sample_rate, record["kind"] == "continuation"
         reference_text = record["continuation_text"]
@@ -309,19 +309,20 @@ class Judges:
                 record[f"judge_word_accuracy_{name}"] = metrics.word_accuracy(reference_text, heard)
         prompt = self._embed(audio.prompt, sr)
         if prompt is None:
-            return None, None
+            return None, None, None
         record["judge_prompt_audio"] = audio.prompt_source
         generated = self._embed(audio.generated, sr)
+        embedded = {}
         for name, waveform in (
             ("reference", audio.reference if is_continuation else None),
             ("reference_vocoded", audio.reference_vocoded if is_continuation else None),
         ):
-            embedding = self._embed(waveform, sr)
-            if embedding is not None:
-                record[f"judge_speaker_sim_{name}"] = float(prompt @ embedding)
+            embedded[name] = self._embed(waveform, sr)
+            if embedded[name] is not None:
+                record[f"judge_speaker_sim_{name}"] = float(prompt @ embedded[name])
         if generated is not None:
             record["judge_speaker_sim_generated"] = float(prompt @ generated)
-        return prompt, generated
+        return prompt, generated, embedded["reference"]
 
 
 def other_speaker_pairs(
@@ -349,18 +350,23 @@ def other_speaker_pairs(
 
 def judge_other_speakers(
     records: Sequence[dict],
-    embeddings: Sequence[tuple[np.ndarray | None, np.ndarray | None]],
+    embeddings: Sequence[tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]],
 ) -> None:
     """Adds `judge_speaker_sim_other_speaker` (prompt i vs the generation of its
-    `other_speaker_pairs` partner j) and `judge_other_example` (j's id) to the records."""
-    generated = [g for _, g in embeddings]
+    `other_speaker_pairs` partner j), `judge_speaker_sim_reference_other_speaker` (prompt i vs
+    j's reference continuation, the same baseline for real speech) and `judge_other_example`
+    (j's id) to the records."""
+    generated = [g for _, g, _ in embeddings]
     pairs = other_speaker_pairs(
         [r["speaker_id"] for r in records], [g is not None for g in generated]
     )
-    for record, (prompt, _), j in zip(records, embeddings, pairs, strict=True):
+    for record, (prompt, _, _), j in zip(records, embeddings, pairs, strict=True):
         if prompt is not None and j is not None:
             record["judge_speaker_sim_other_speaker"] = float(prompt @ generated[j])
             record["judge_other_example"] = records[j]["id"]
+            reference = embeddings[j][2]
+            if reference is not None:
+                record["judge_speaker_sim_reference_other_speaker"] = float(prompt @ reference)
 
 
 # Per-example figures whose means `summarize` reports, in the report's order.
@@ -373,12 +379,15 @@ MEAN_KEYS = (
     "judge_speaker_sim_reference",
     "judge_speaker_sim_reference_vocoded",
     "judge_speaker_sim_other_speaker",
+    "judge_speaker_sim_reference_other_speaker",
 )
 
 
 def summarize(records: Sequence[dict]) -> dict[str, float]:
-    """The split's judged figures: means over the examples that have each figure, and
-    `judge_speaker_gap` (`metrics.speaker_gap`) over those with both similarities."""
+    """The split's judged figures: means over the examples that have each figure,
+    `judge_speaker_gap` (`metrics.speaker_gap`) over those with both similarities, the same
+    gap of the reference continuations (`judge_speaker_gap_reference`, the real voices' own
+    gap) and their ratio `judge_speaker_gap_ratio` (1 = as speaker-specific as real speech)."""
     out: dict[str, float] = {}
     for key in MEAN_KEYS:
         values = [float(r[key]) for r in records if key in r and math.isfinite(float(r[key]))]
@@ -391,6 +400,17 @@ def summarize(records: Sequence[dict]) -> dict[str, float]:
             [r["judge_speaker_sim_generated"] for r in paired],
             [r["judge_speaker_sim_other_speaker"] for r in paired],
         )
+    real = [r for r in records if "judge_speaker_sim_reference_other_speaker" in r]
+    real = [r for r in real if "judge_speaker_sim_reference" in r]
+    if real:
+        out["judge_speaker_gap_reference"] = metrics.speaker_gap(
+            [r["judge_speaker_sim_reference"] for r in real],
+            [r["judge_speaker_sim_reference_other_speaker"] for r in real],
+        )
+        if "judge_speaker_gap" in out and out["judge_speaker_gap_reference"] > 0:
+            out["judge_speaker_gap_ratio"] = (
+                out["judge_speaker_gap"] / out["judge_speaker_gap_reference"]
+            )
     return out
 
 
@@ -411,14 +431,18 @@ def notes(records: Sequence[dict], words: Sequence[str] | None, vocoder: str) ->
 
 
 def _reading(key: str) -> str:
-    if key.startswith(("judge_word_accuracy_reference", "judge_speaker_sim_reference")):
+    if key.endswith("other_speaker"):
+        return "baseline"
+    reference = ("judge_word_accuracy_reference", "judge_speaker_sim_reference")
+    if key.startswith(reference) or key == "judge_speaker_gap_reference":
         return "ceiling"
-    return "baseline" if key.endswith("other_speaker") else "higher"
+    return "higher"
 
 
 def markdown(figures: dict[str, Any], lines: Sequence[str]) -> str:
     """The report's section of judged figures."""
-    rows = [key for key in (*MEAN_KEYS, "judge_speaker_gap") if key in figures]
+    gaps = ("judge_speaker_gap", "judge_speaker_gap_reference", "judge_speaker_gap_ratio")
+    rows = [key for key in (*MEAN_KEYS, *gaps) if key in figures]
     if not rows:
         return ""
     out = ["", "## Judged by pretrained models", ""] + [f"- {line}" for line in lines]

@@ -165,7 +165,7 @@ def test_judge_one_example_with_known_answers():
         reference=_tagged(0.3),
         reference_vocoded=_tagged(0.4),
     )
-    prompt, generated = panel.judge(record, audio)
+    prompt, generated, _ = panel.judge(record, audio)
     assert record["judge_asr_generated"] == "three four"
     assert record["judge_word_accuracy_generated_vs_text"] == 1.0
     assert record["judge_word_accuracy_generated_vs_reference"] == pytest.approx(2 / 3)
@@ -179,7 +179,7 @@ def test_judge_one_example_with_known_answers():
 
     # A spoken answer: no reference figures; without prompt audio, no speaker figures.
     qa = {"kind": "qa", "continuation_text": "paris", "hyp_continuation": "three four"}
-    assert panel.judge(qa, judges.JudgedAudio(16_000, generated=_tagged(0.2))) == (None, None)
+    assert panel.judge(qa, judges.JudgedAudio(16_000, generated=_tagged(0.2))) == (None, None, None)
     assert qa["judge_word_accuracy_generated_vs_text"] == 1.0
     assert not any("reference" in k or "speaker" in k for k in qa)
 
@@ -192,7 +192,10 @@ def test_other_speaker_baseline_and_summary():
     ]
     unit = np.array([1.0, 0.0], np.float32)
     half = np.array([0.6, 0.8], np.float32)
-    judges.judge_other_speakers(records, [(unit, unit), (unit, unit), (unit, half)])
+    records[0]["judge_speaker_sim_reference"] = 0.95  # Only a has a reference similarity.
+    judges.judge_other_speakers(
+        records, [(unit, unit, None), (unit, unit, None), (unit, half, unit)]
+    )
     # a and b pair with c (prompt . c's generation = 0.6); c pairs with a (1.0).
     assert [r["judge_other_example"] for r in records] == ["c", "c", "a"]
     assert [r["judge_speaker_sim_other_speaker"] for r in records] == pytest.approx([0.6, 0.6, 1.0])
@@ -200,6 +203,11 @@ def test_other_speaker_baseline_and_summary():
     assert summary["judge_speaker_sim_generated"] == pytest.approx(0.8)
     assert summary["judge_speaker_sim_other_speaker"] == pytest.approx(2.2 / 3)
     assert summary["judge_speaker_gap"] == pytest.approx((0.3 + 0.1 - 0.2) / 3)
+    # a and b pair with c, whose reference embedding is `unit`; only a has its own reference.
+    assert records[1]["judge_speaker_sim_reference_other_speaker"] == pytest.approx(1.0)
+    assert "judge_speaker_sim_reference_other_speaker" not in records[2]  # a has no reference.
+    assert summary["judge_speaker_gap_reference"] == pytest.approx(0.95 - 1.0)
+    assert "judge_speaker_gap_ratio" not in summary  # A negative real gap gives no ratio.
     section = judges.markdown(summary, ["judges: stand-ins"])
     assert "| `judge_speaker_gap` | 0.0667 | higher |" in section
     assert "| `judge_speaker_sim_other_speaker` | 0.7333 | baseline |" in section
@@ -388,3 +396,24 @@ def test_spectron_eval_with_judges_writes_the_judged_figures(shared_data, tmp_pa
         assert 0.0 <= data["metrics"][key] <= 1.0
     assert {r["judge_prompt_audio"] for r in data["examples"]} == {"recording"}
     assert "## Judged by pretrained models" in (out / "report.md").read_text()
+
+
+def test_speaker_gap_ratio_against_the_reference_gap():
+    """Generated gap 0.2, real gap 0.4 -> ratio 0.5 (the target is at least half)."""
+    e1, e2 = np.array([1.0, 0.0], np.float32), np.array([0.0, 1.0], np.float32)
+    records = [
+        {"id": "a", "speaker_id": "s1", "judge_speaker_sim_generated": 0.7},
+        {"id": "b", "speaker_id": "s2", "judge_speaker_sim_generated": 0.7},
+    ]
+    for r in records:
+        r["judge_speaker_sim_reference"] = 0.9
+    # Prompt . other's generation = 0.5; prompt . other's reference = 0.5.
+    mix = np.array([0.5, 0.5], np.float32)
+    judges.judge_other_speakers(records, [(e1, mix, mix), (e2, mix, mix)])
+    summary = judges.summarize(records)
+    assert summary["judge_speaker_gap"] == pytest.approx(0.2)
+    assert summary["judge_speaker_gap_reference"] == pytest.approx(0.4)
+    assert summary["judge_speaker_gap_ratio"] == pytest.approx(0.5)
+    section = judges.markdown(summary, [])
+    assert "| `judge_speaker_sim_reference_other_speaker` | 0.5000 | baseline |" in section
+    assert "| `judge_speaker_gap_reference` | 0.4000 | ceiling |" in section
