@@ -6,6 +6,8 @@ Importing this package registers every task with seqio's TaskRegistry:
 |---|---|---|
 | `spectron_synthetic_counting` | train, validation, validation_unseen_voices | eSpeak NG, offline |
 | `spectron_fsdd_counting` | train, test (takes 0-4) | ../shared/data/fsdd |
+| `spectron_counting_down` | validation, validation_unseen_voices | eSpeak NG |
+| `spectron_counting_past_22` | validation, validation_unseen_voices | eSpeak NG |
 | `spectron_llama_questions` | test | ../shared/data/llama_questions |
 | `spectron_librispeech` | TFDS librispeech splits | TFDS (downloads at first use) |
 | `spectron_librispeech_w2v_bert` | the same | the same; encoder input: w2v-BERT fbank, F = 160 |
@@ -17,6 +19,7 @@ module's `register(name, ...)`; `speech_task.register_speech_task` takes any raw
 
 from spectron_jax.audio.fbank import W2vBertFbankConfig
 from spectron_tasks import (
+    counting_knowledge,
     fsdd_counting,
     librispeech,
     llama_questions,
@@ -27,12 +30,14 @@ from spectron_tasks import (
 
 synthetic_counting.register()
 fsdd_counting.register()
+counting_knowledge.register_all()
 llama_questions.register()
 librispeech.register()
 # The paper-scale models read the w2v-BERT 2.0 front end (gin/spectron_base.gin).
 librispeech.register("spectron_librispeech_w2v_bert", front_end=W2vBertFbankConfig())
 
 __all__ = [
+    "counting_knowledge",
     "fsdd_counting",
     "librispeech",
     "llama_questions",

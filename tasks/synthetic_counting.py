@@ -84,7 +84,8 @@ class SyntheticCountingConfig:
     Attributes:
       seed: corpus seed; every utterance is a function of (seed, split, index).
       num_train, num_validation, num_validation_unseen: utterances per split.
-      max_start: the first number is drawn from 0..max_start.
+      min_start, max_start: the first number is drawn from min_start..max_start.
+      count_step: +1 counts up ("four five six"), -1 counts down ("six five four").
       prompt_words: numbers in the prompt.
       min_continuation_words, max_continuation_words: numbers in the continuation.
       train_voices, unseen_voices: eSpeak NG voice names (disjoint).
@@ -100,6 +101,8 @@ class SyntheticCountingConfig:
     num_validation: int = 200
     num_validation_unseen: int = 200
     max_start: int = 19
+    min_start: int = 0
+    count_step: int = 1
     prompt_words: int = 2
     min_continuation_words: int = 2
     max_continuation_words: int = 2
@@ -116,8 +119,11 @@ class SyntheticCountingConfig:
         overlap = set(self.train_voices) & set(self.unseen_voices)
         if overlap:
             raise ValueError(f"Voices {sorted(overlap)} are both training and unseen voices")
-        if self.max_start + self.prompt_words + self.max_continuation_words > 100:
-            raise ValueError("Counting runs must stay below 100 (number_words covers 0..99)")
+        span = (self.prompt_words + self.max_continuation_words - 1) * self.count_step
+        if self.count_step not in (1, -1) or not 0 <= self.min_start <= self.max_start:
+            raise ValueError("Need count_step +1 or -1 and 0 <= min_start <= max_start")
+        if not (0 <= self.min_start + min(span, 0) and self.max_start + max(span, 0) <= 99):
+            raise ValueError("Counting runs must stay inside 0..99 (number_words covers 0..99)")
         if not 1 <= self.min_continuation_words <= self.max_continuation_words:
             raise ValueError("Need 1 <= min_continuation_words <= max_continuation_words")
 
@@ -132,9 +138,14 @@ class SyntheticCountingConfig:
         return self.unseen_voices if split == "validation_unseen_voices" else self.train_voices
 
     def cache_key(self) -> str:
+        fields = dataclasses.asdict(self)
+        # Fields added after the first corpora enter the key only when set, so caches made
+        # before them stay valid.
+        for name, default in (("min_start", 0), ("count_step", 1)):
+            if fields[name] == default:
+                del fields[name]
         blob = json.dumps(
-            {"version": CACHE_VERSION, "chunk": SYNTHESIS_CHUNK, **dataclasses.asdict(self)},
-            sort_keys=True,
+            {"version": CACHE_VERSION, "chunk": SYNTHESIS_CHUNK, **fields}, sort_keys=True
         )
         return f"v{CACHE_VERSION}-{hashlib.sha1(blob.encode()).hexdigest()[:12]}"
 
@@ -151,9 +162,9 @@ def plan_split(config: SyntheticCountingConfig, split: str) -> list[dict]:
     voices = config.voices(split)
     plan = []
     for i in range(config.num_examples(split)):
-        start = int(rng.integers(0, config.max_start + 1))
+        start = int(rng.integers(config.min_start, config.max_start + 1))
         n_cont = int(rng.integers(config.min_continuation_words, config.max_continuation_words + 1))
-        numbers = list(range(start, start + config.prompt_words + n_cont))
+        numbers = [start + i * config.count_step for i in range(config.prompt_words + n_cont)]
         settings = espeak.VoiceSettings(
             voice=voices[int(rng.integers(len(voices)))],
             rate=int(rng.integers(config.rate_wpm[0], config.rate_wpm[1] + 1)),

@@ -1,0 +1,335 @@
+"""The training recipe at tiny scale in one command, and its ablation grid.
+
+    # Stages 1-3 (CTC encoder, text LM, Spectron from both), ~35 min on 2 CPU cores:
+    python scripts/recipe.py stages --work /tmp/recipe
+
+    # The grid of stage-3 variants on eSpeak counting (and the FSDD run), each trained, then
+    # judged (`spectron eval --judges`); writes docs/results/ablations.md, loss curves, samples:
+    python scripts/recipe.py grid --work /tmp/recipe --results docs/results
+
+Every step is a subprocess of the project's own entry points (`python -m spectron_jax.train`,
+`spectron eval`), so each one is also a command a user can run alone (they are printed). A step
+whose output exists is skipped, so an interrupted grid resumes where it stopped; the training
+runs resume from their checkpoints by themselves.
+
+The variants (stage 3 = gin/recipe/stage3_spectron.gin):
+
+| variant | what changes |
+|---|---|
+| full | nothing: frozen stage-1 encoder, stage-2 LM, acoustic prompt, stop head |
+| no_primer | `primer_frames` 0: the paper's layout, the voice only through the prefix |
+| no_ce | CE weight 0 (the paper's "without CE" ablation) |
+| no_derivatives | L_f and L_t off (the paper's "without derivative losses") |
+| random_lm | the decoder starts from random weights (direct initialisation) |
+| encoder_trained | the stage-1 encoder trained with the rest instead of frozen |
+| r1 | reduction factor 1 instead of 2 |
+| fsdd | full, trained and tested on FSDD counting (6 real speakers) |
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGE3_GIN = "gin/recipe/stage3_spectron.gin"
+SPEECH = ("spectron_synthetic_counting", "validation_unseen_voices")
+FSDD = ("spectron_fsdd_counting", "test")
+# FSDD counting runs: 2 prompt digits, 2-4 continuation digits, takes up to ~2.5 s.
+FSDD_LENGTHS = (
+    "{'prompt_features': 128, 'prompt_transcript': 3, "
+    "'continuation_transcript': 5, 'continuation_frames': 192}"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    name: str
+    says: str
+    overrides: tuple[str, ...] = ()
+    eval_on: tuple[tuple[str, str], ...] = (SPEECH,)
+
+
+def variants(stage1: str, stage2: str) -> list[Variant]:
+    """The grid; `stage1` / `stage2` are the checkpoints dirs of the first two stages."""
+    encoder_only = f"{{'{stage1}': {{'encoder': 'params/encoder'}}}}"
+    return [
+        Variant("full", "the recipe"),
+        Variant("no_primer", "no acoustic prompt", ("PRIMER_FRAMES=0",)),
+        Variant("no_ce", "no CE loss", ("spectron.loss_config.ce_weight=0.0",)),
+        Variant(
+            "no_derivatives",
+            "no L_f, L_t",
+            (
+                "spectron.loss_config.freq_delta_weight=0.0",
+                "spectron.loss_config.time_delta_weight=0.0",
+            ),
+        ),
+        Variant("random_lm", "random-init LM", (f"train.init_checkpoints={encoder_only}",)),
+        Variant(
+            "encoder_trained",
+            "encoder trained, not frozen",
+            ("spectron.spectron_config.encoder_frozen=False",),
+        ),
+        Variant("r1", "reduction factor 1", ("spectron.spectron_config.reduction_factor=1",)),
+        Variant(
+            "fsdd",
+            "the recipe on FSDD",
+            (
+                "MIXTURE_OR_TASK_NAME='spectron_fsdd_counting'",
+                f"TASK_FEATURE_LENGTHS={FSDD_LENGTHS}",
+                "CountingEvaluator.splits=('test',)",
+            ),
+            (FSDD,),
+        ),
+    ]
+
+
+def _gin_flags(overrides: list[str] | tuple[str, ...]) -> list[str]:
+    return [f"--gin.{o}" for o in overrides]
+
+
+def run(cmd: list[str], log_path: str) -> None:
+    """Runs one step, its output to `log_path`; prints the command and its wall time."""
+    print("$ " + " ".join(cmd), flush=True)
+    start = time.time()
+    with open(log_path, "w", encoding="utf-8") as log:
+        code = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    minutes = (time.time() - start) / 60
+    print(f"  -> exit {code} after {minutes:.1f} min (log: {log_path})", flush=True)
+    if code:
+        raise SystemExit(f"step failed (exit {code}); see {log_path}")
+
+
+def train(gin_file: str, model_dir: str, overrides: list[str], done: str) -> None:
+    """`python -m spectron_jax.train`, skipped when `model_dir/done` exists."""
+    if os.path.exists(os.path.join(model_dir, done)):
+        print(f"= {model_dir}: done ({done} exists)")
+        return
+    os.makedirs(model_dir, exist_ok=True)
+    cmd = [sys.executable, "-m", "spectron_jax.train", f"--gin_file={gin_file}"]
+    cmd += _gin_flags([f"MODEL_DIR='{model_dir}'", *overrides])
+    run(cmd, os.path.join(model_dir, "train.log"))
+
+
+def stages(work: str, steps_overrides: list[str]) -> tuple[str, str, str]:
+    """Stages 1, 2 and 3 into `work`/stage{1,2,3}; returns their model dirs."""
+    s1, s2, s3 = (os.path.join(work, f"stage{i}") for i in (1, 2, 3))
+    # Their last evaluation's output marks a finished stage (TRAIN_STEPS of their gin files).
+    train("gin/recipe/stage1_encoder_ctc.gin", s1, [], os.path.join("asr", "step_600.json"))
+    train("gin/recipe/stage2_text_lm.gin", s2, [], os.path.join("next_number", "step_1000.json"))
+    stage3 = [
+        f"STAGE1_CHECKPOINTS='{s1}/checkpoints'",
+        f"STAGE2_CHECKPOINTS='{s2}/checkpoints'",
+        *steps_overrides,
+    ]
+    train(STAGE3_GIN, s3, stage3, "final_eval.json")
+    return s1, s2, s3
+
+
+def evaluate(model_dir: str, task: str, split: str, max_examples: int) -> dict:
+    """`spectron eval --judges` on one split; returns its metrics.json."""
+    out = os.path.join(model_dir, "judged", f"{task}.{split}")
+    path = os.path.join(out, "metrics.json")
+    if not os.path.exists(path):
+        os.makedirs(out, exist_ok=True)
+        cmd = [sys.executable, "-m", "spectron_jax.cli", "eval", "--checkpoint"]
+        cmd += [os.path.join(model_dir, "checkpoints"), "--task", task, "--split", split]
+        cmd += ["--out", out, "--judges", "--asr-words", "numbers"]
+        cmd += ["--max-examples", str(max_examples), "--num-samples", "2"]
+        run(cmd, os.path.join(out, "eval.log"))
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+# Columns of the table: (heading, figure of `spectron eval`, format).
+COLUMNS = (
+    ("transcript WER", "transcript_wer", "{:.3f}"),
+    ("text exact", "continuation_text_accuracy", "{:.2f}"),
+    ("DTW-L1", "dtw_l1", "{:.3f}"),
+    ("ASR acc gen", "judge_word_accuracy_generated_vs_reference", "{:.2f}"),
+    ("ASR acc ref", "judge_word_accuracy_reference_audio", "{:.2f}"),
+    ("spk own", "judge_speaker_sim_generated", "{:.3f}"),
+    ("spk other", "judge_speaker_sim_other_speaker", "{:.3f}"),
+    ("spk ref", "judge_speaker_sim_reference", "{:.3f}"),
+    ("gap", "judge_speaker_gap", "{:.3f}"),
+    ("real gap", "judge_speaker_gap_reference", "{:.3f}"),
+    ("gap ratio", "judge_speaker_gap_ratio", "{:.2f}"),
+    ("len err (frames)", "length_error_frames_mae", "{:.1f}"),
+)
+
+
+def table_rows(name: str, task_split: str, figures: dict) -> str:
+    cells = [name, task_split]
+    for _, key, fmt in COLUMNS:
+        value = figures.get(key)
+        cells.append(fmt.format(value) if isinstance(value, (int, float)) else "-")
+    return "| " + " | ".join(cells) + " |"
+
+
+def per_speaker(metrics: dict) -> dict[str, dict[str, float]]:
+    """Per-speaker means of the judged figures (the FSDD table)."""
+    keys = ("judge_word_accuracy_generated_vs_reference", "judge_speaker_sim_generated")
+    keys += ("judge_speaker_sim_other_speaker", "judge_speaker_sim_reference")
+    out: dict[str, dict[str, list[float]]] = {}
+    for r in metrics["examples"]:
+        spk = out.setdefault(str(r.get("speaker_id")), {k: [] for k in keys})
+        for k in keys:
+            if isinstance(r.get(k), (int, float)):
+                spk[k].append(float(r[k]))
+    return {
+        s: {k: sum(v) / len(v) for k, v in figs.items() if v} | {"n": len(figs[keys[0]])}
+        for s, figs in sorted(out.items())
+    }
+
+
+def loss_curves(model_dirs: dict[str, str], path: str) -> None:
+    """train/spec (L_s) and train/ce against the step for every variant, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import tensorflow as tf
+    from tensorboard.backend.event_processing import event_accumulator
+
+    tags = ("train/spec", "train/ce")
+    fig, axes = plt.subplots(1, len(tags), figsize=(11, 4))
+    for name, model_dir in model_dirs.items():
+        acc = event_accumulator.EventAccumulator(os.path.join(model_dir, "tensorboard"))
+        acc.Reload()
+        for ax, tag in zip(axes, tags, strict=True):
+            if tag in acc.Tags()["tensors"]:
+                events = acc.Tensors(tag)
+                values = [float(tf.make_ndarray(e.tensor_proto)) for e in events]
+                ax.plot([e.step for e in events], values, label=name)
+    for ax, tag in zip(axes, tags, strict=True):
+        ax.set_xlabel("step")
+        ax.set_title(tag)
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def copy_samples(variant: str, judged_dir: str, results: str) -> list[str]:
+    """The first sample (PNG + WAV) of a judged split into results/samples/<variant>/."""
+    src = os.path.join(judged_dir, "samples")
+    if not os.path.isdir(src):
+        return []
+    dst = os.path.join(results, "samples", variant)
+    os.makedirs(dst, exist_ok=True)
+    names = sorted(os.listdir(src))[:2]
+    for n in names:
+        shutil.copy(os.path.join(src, n), os.path.join(dst, n))
+    return [os.path.join("samples", variant, n) for n in names]
+
+
+def grid(args: argparse.Namespace) -> None:
+    if args.stage1 and args.stage2:  # Pretrained stages given: the grid trains stage 3 only.
+        s1, s2 = args.stage1, args.stage2
+    else:
+        s1, s2, _ = stages(args.work, [])
+    chosen = set(args.variants.split(",")) if args.variants else None
+    rows, dirs, speakers, samples = [], {}, {}, {}
+    for v in variants(f"{s1}/checkpoints", f"{s2}/checkpoints"):
+        if chosen is not None and v.name not in chosen:
+            continue
+        model_dir = os.path.join(args.work, "grid", v.name)
+        overrides = [
+            f"STAGE1_CHECKPOINTS='{s1}/checkpoints'",
+            f"STAGE2_CHECKPOINTS='{s2}/checkpoints'",
+            *v.overrides,
+        ]
+        if args.steps:
+            overrides.append(f"TRAIN_STEPS={args.steps}")
+        train(STAGE3_GIN, model_dir, overrides, "final_eval.json")
+        dirs[v.name] = model_dir
+        for task, split in v.eval_on:
+            metrics = evaluate(model_dir, task, split, args.max_examples)
+            rows.append(table_rows(f"{v.name} ({v.says})", f"{task}:{split}", metrics["metrics"]))
+            if task == FSDD[0]:
+                speakers[v.name] = per_speaker(metrics)
+            judged = os.path.join(model_dir, "judged", f"{task}.{split}")
+            samples[v.name] = copy_samples(v.name, judged, args.results)
+    os.makedirs(args.results, exist_ok=True)
+    loss_curves(dirs, os.path.join(args.results, "ablation_loss_curves.png"))
+    write_table(args, rows, speakers, samples)
+
+
+def write_table(args, rows, speakers, samples) -> None:
+    lines = [
+        "# Ablation grid of the tiny recipe (generated by scripts/recipe.py grid)",
+        "",
+        f"Each variant: gin/recipe/stage3_spectron.gin + its overrides, judged by `spectron eval "
+        f"--judges --asr-words numbers --max-examples {args.max_examples}` (speech stopped by "
+        "the model's stop head). Columns: the prompt transcript's WER; the text continuation's "
+        "exact match; DTW-L1 of the generated vs the reference log-mel; the judge ASR's word "
+        "accuracy on the generated and on the reference continuation audio; the judge speaker "
+        "encoder's cosine, prompt vs its own generated continuation (own), vs another speaker's "
+        "generated continuation (other), vs its reference continuation (ref); the gap own - "
+        "other, the same gap of the real continuations, their ratio; |generated - reference| "
+        "length in frames.",
+        "",
+        "| variant | split | " + " | ".join(c[0] for c in COLUMNS) + " |",
+        "|" + "---|" * (len(COLUMNS) + 2),
+        *rows,
+        "",
+        "![loss curves](ablation_loss_curves.png)",
+        "",
+    ]
+    for name, figs in speakers.items():
+        lines += [
+            f"## {name}: per speaker",
+            "",
+            "| speaker | n | ASR acc gen | own | other | ref |",
+        ]
+        lines += ["|---|---|---|---|---|---|"]
+        for spk, f in figs.items():
+            cells = [
+                f.get(k, float("nan"))
+                for k in (
+                    "judge_word_accuracy_generated_vs_reference",
+                    "judge_speaker_sim_generated",
+                    "judge_speaker_sim_other_speaker",
+                    "judge_speaker_sim_reference",
+                )
+            ]
+            lines.append(f"| {spk} | {f['n']} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+        lines.append("")
+    lines += ["## Samples", ""]
+    for name, files in samples.items():
+        lines.append(f"- {name}: " + ", ".join(f"[{os.path.basename(f)}]({f})" for f in files))
+    with open(os.path.join(args.results, "ablations.md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"wrote {os.path.join(args.results, 'ablations.md')}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    st = sub.add_parser("stages", help="stages 1-3 of the recipe")
+    st.add_argument("--work", default="/tmp/recipe")
+    gr = sub.add_parser("grid", help="stage-3 variants, judged, into a Markdown table")
+    gr.add_argument("--work", default="/tmp/recipe")
+    gr.add_argument("--results", default=os.path.join(ROOT, "docs", "results"))
+    gr.add_argument("--stage1", default=None, help="a finished stage-1 model dir")
+    gr.add_argument("--stage2", default=None, help="a finished stage-2 model dir")
+    gr.add_argument("--variants", default=None, help="comma-separated subset")
+    gr.add_argument("--steps", type=int, default=None, help="TRAIN_STEPS of every variant")
+    gr.add_argument("--max-examples", type=int, default=40)
+    args = p.parse_args(argv)
+    if args.command == "stages":
+        stages(args.work, [])
+    else:
+        grid(args)
+
+
+if __name__ == "__main__":
+    main()
