@@ -23,7 +23,13 @@ The variants (stage 3 = gin/recipe/stage3_spectron.gin):
 | random_lm | the decoder starts from random weights (direct initialisation) |
 | encoder_trained | the stage-1 encoder trained with the rest instead of frozen |
 | r1 | reduction factor 1 instead of 2 |
+| no_transcript | trained and tested without the prompt transcript (no "chain of thought") |
 | fsdd | full, trained and tested on FSDD counting (6 real speakers) |
+
+Knowledge retention (docs/RECIPE.md): full, random_lm and no_transcript are also decoded on the
+spoken counting the stage-3 speech never says (`spectron_counting_down`,
+`spectron_counting_past_22`, tasks/counting_knowledge.py), where only what the stage-2 LM read
+can give the answer.
 """
 
 from __future__ import annotations
@@ -41,6 +47,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGE3_GIN = "gin/recipe/stage3_spectron.gin"
 SPEECH = ("spectron_synthetic_counting", "validation_unseen_voices")
 FSDD = ("spectron_fsdd_counting", "test")
+KNOWLEDGE = (("spectron_counting_down", "validation"), ("spectron_counting_past_22", "validation"))
+NO_TRANSCRIPT = "_no_transcript"
+STAGE_STEPS = {"stage1": 600, "stage2": 1000, "stage3": 500}  # TRAIN_STEPS of their gin files.
 # FSDD counting runs: 2 prompt digits, 2-4 continuation digits, takes up to ~2.5 s.
 FSDD_LENGTHS = (
     "{'prompt_features': 128, 'prompt_transcript': 3, "
@@ -54,13 +63,14 @@ class Variant:
     says: str
     overrides: tuple[str, ...] = ()
     eval_on: tuple[tuple[str, str], ...] = (SPEECH,)
+    knowledge: tuple[tuple[str, str], ...] = ()  # Judged without the (slow) judges.
 
 
 def variants(stage1: str, stage2: str) -> list[Variant]:
     """The grid; `stage1` / `stage2` are the checkpoints dirs of the first two stages."""
     encoder_only = f"{{'{stage1}': {{'encoder': 'params/encoder'}}}}"
     return [
-        Variant("full", "the recipe"),
+        Variant("full", "the recipe", knowledge=KNOWLEDGE),
         Variant("no_primer", "no acoustic prompt", ("PRIMER_FRAMES=0",)),
         Variant("no_ce", "no CE loss", ("spectron.loss_config.ce_weight=0.0",)),
         Variant(
@@ -71,13 +81,28 @@ def variants(stage1: str, stage2: str) -> list[Variant]:
                 "spectron.loss_config.time_delta_weight=0.0",
             ),
         ),
-        Variant("random_lm", "random-init LM", (f"train.init_checkpoints={encoder_only}",)),
+        Variant(
+            "random_lm",
+            "random-init LM",
+            (f"train.init_checkpoints={encoder_only}",),
+            knowledge=KNOWLEDGE,
+        ),
         Variant(
             "encoder_trained",
             "encoder trained, not frozen",
             ("spectron.spectron_config.encoder_frozen=False",),
         ),
         Variant("r1", "reduction factor 1", ("spectron.spectron_config.reduction_factor=1",)),
+        Variant(
+            "no_transcript",
+            "no prompt transcript",
+            (
+                f"MIXTURE_OR_TASK_NAME='{SPEECH[0]}{NO_TRANSCRIPT}'",
+                "train.evaluators=[@SpeechSamples()]",
+            ),
+            ((SPEECH[0] + NO_TRANSCRIPT, SPEECH[1]),),
+            tuple((task + NO_TRANSCRIPT, split) for task, split in KNOWLEDGE),
+        ),
         Variant(
             "fsdd",
             "the recipe on FSDD",
@@ -107,10 +132,10 @@ def run(cmd: list[str], log_path: str) -> None:
         raise SystemExit(f"step failed (exit {code}); see {log_path}")
 
 
-def train(gin_file: str, model_dir: str, overrides: list[str], done: str) -> None:
-    """`python -m spectron_jax.train`, skipped when `model_dir/done` exists."""
-    if os.path.exists(os.path.join(model_dir, done)):
-        print(f"= {model_dir}: done ({done} exists)")
+def train(gin_file: str, model_dir: str, overrides: list[str], steps: int) -> None:
+    """`python -m spectron_jax.train`, skipped when its checkpoint of step `steps` exists."""
+    if os.path.isdir(os.path.join(model_dir, "checkpoints", str(steps))):
+        print(f"= {model_dir}: done (checkpoint {steps} exists)")
         return
     os.makedirs(model_dir, exist_ok=True)
     cmd = [sys.executable, "-m", "spectron_jax.train", f"--gin_file={gin_file}"]
@@ -121,28 +146,28 @@ def train(gin_file: str, model_dir: str, overrides: list[str], done: str) -> Non
 def stages(work: str, steps_overrides: list[str]) -> tuple[str, str, str]:
     """Stages 1, 2 and 3 into `work`/stage{1,2,3}; returns their model dirs."""
     s1, s2, s3 = (os.path.join(work, f"stage{i}") for i in (1, 2, 3))
-    # Their last evaluation's output marks a finished stage (TRAIN_STEPS of their gin files).
-    train("gin/recipe/stage1_encoder_ctc.gin", s1, [], os.path.join("asr", "step_600.json"))
-    train("gin/recipe/stage2_text_lm.gin", s2, [], os.path.join("next_number", "step_1000.json"))
+    train("gin/recipe/stage1_encoder_ctc.gin", s1, [], STAGE_STEPS["stage1"])
+    train("gin/recipe/stage2_text_lm.gin", s2, [], STAGE_STEPS["stage2"])
     stage3 = [
         f"STAGE1_CHECKPOINTS='{s1}/checkpoints'",
         f"STAGE2_CHECKPOINTS='{s2}/checkpoints'",
         *steps_overrides,
     ]
-    train(STAGE3_GIN, s3, stage3, "final_eval.json")
+    train(STAGE3_GIN, s3, stage3, STAGE_STEPS["stage3"])
     return s1, s2, s3
 
 
-def evaluate(model_dir: str, task: str, split: str, max_examples: int) -> dict:
-    """`spectron eval --judges` on one split; returns its metrics.json."""
-    out = os.path.join(model_dir, "judged", f"{task}.{split}")
+def evaluate(model_dir: str, task: str, split: str, max_examples: int, judged: bool = True) -> dict:
+    """`spectron eval` (`--judges` when `judged`) on one split; returns its metrics.json."""
+    out = os.path.join(model_dir, "judged" if judged else "eval", f"{task}.{split}")
     path = os.path.join(out, "metrics.json")
     if not os.path.exists(path):
         os.makedirs(out, exist_ok=True)
         cmd = [sys.executable, "-m", "spectron_jax.cli", "eval", "--checkpoint"]
         cmd += [os.path.join(model_dir, "checkpoints"), "--task", task, "--split", split]
-        cmd += ["--out", out, "--judges", "--asr-words", "numbers"]
-        cmd += ["--max-examples", str(max_examples), "--num-samples", "2"]
+        cmd += ["--out", out, "--max-examples", str(max_examples), "--num-samples", "2"]
+        if judged:
+            cmd += ["--judges", "--asr-words", "numbers"]
         run(cmd, os.path.join(out, "eval.log"))
     with open(path, encoding="utf-8") as f:
         return json.load(f)
@@ -237,7 +262,7 @@ def grid(args: argparse.Namespace) -> None:
     else:
         s1, s2, _ = stages(args.work, [])
     chosen = set(args.variants.split(",")) if args.variants else None
-    rows, dirs, speakers, samples = [], {}, {}, {}
+    rows, knowledge, dirs, speakers, samples = [], [], {}, {}, {}
     for v in variants(f"{s1}/checkpoints", f"{s2}/checkpoints"):
         if chosen is not None and v.name not in chosen:
             continue
@@ -249,7 +274,7 @@ def grid(args: argparse.Namespace) -> None:
         ]
         if args.steps:
             overrides.append(f"TRAIN_STEPS={args.steps}")
-        train(STAGE3_GIN, model_dir, overrides, "final_eval.json")
+        train(STAGE3_GIN, model_dir, overrides, args.steps or STAGE_STEPS["stage3"])
         dirs[v.name] = model_dir
         for task, split in v.eval_on:
             metrics = evaluate(model_dir, task, split, args.max_examples)
@@ -258,12 +283,41 @@ def grid(args: argparse.Namespace) -> None:
                 speakers[v.name] = per_speaker(metrics)
             judged = os.path.join(model_dir, "judged", f"{task}.{split}")
             samples[v.name] = copy_samples(v.name, judged, args.results)
+        for task, split in v.knowledge:
+            metrics = evaluate(model_dir, task, split, 10_000, judged=False)
+            knowledge.append(knowledge_row(v.name, task, split, metrics))
     os.makedirs(args.results, exist_ok=True)
     loss_curves(dirs, os.path.join(args.results, "ablation_loss_curves.png"))
-    write_table(args, rows, speakers, samples)
+    write_table(args, rows, knowledge, speakers, samples)
 
 
-def write_table(args, rows, speakers, samples) -> None:
+def knowledge_row(name: str, task: str, split: str, metrics: dict) -> str:
+    """Free-running text on a knowledge set: the first number, both numbers, the transcript."""
+    from spectron_tasks.number_text import parse_numbers
+
+    examples = metrics["examples"]
+    first = [
+        parse_numbers(r["hyp_continuation"])[:1] == parse_numbers(r["continuation_text"])[:1]
+        for r in examples
+    ]
+    both = [bool(r.get("continuation_exact")) for r in examples]
+    heard = [r.get("transcript_wer", 1.0) == 0.0 for r in examples]
+    both_heard = [b for b, h in zip(both, heard, strict=True) if h]
+    cells = [
+        name,
+        f"{task}:{split}",
+        str(len(examples)),
+        f"{sum(heard) / len(examples):.2f}" if "no_transcript" not in task else "-",
+        f"{sum(first) / len(examples):.2f}",
+        f"{sum(both) / len(examples):.2f}",
+        f"{sum(both_heard) / len(both_heard):.2f}"
+        if both_heard and "no_transcript" not in task
+        else "-",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def write_table(args, rows, knowledge, speakers, samples) -> None:
     lines = [
         "# Ablation grid of the tiny recipe (generated by scripts/recipe.py grid)",
         "",
@@ -282,6 +336,16 @@ def write_table(args, rows, speakers, samples) -> None:
         *rows,
         "",
         "![loss curves](ablation_loss_curves.png)",
+        "",
+        "## Knowledge retention: spoken counting the stage-3 speech never says",
+        "",
+        "Free-running text (greedy), all examples of the set: the prompt transcript exact, the "
+        "first continuation number right, both right, and both right among the examples whose "
+        "transcript is exact (a hearing error is not missing knowledge).",
+        "",
+        "| variant | set | n | transcript exact | first number | both | both, heard right |",
+        "|---|---|---|---|---|---|---|",
+        *knowledge,
         "",
     ]
     for name, figs in speakers.items():

@@ -14,11 +14,23 @@ what only the text taught, in words the speech encoder has heard (docs/RECIPE.md
 A model whose decoder never read the text (direct initialisation) can only count up inside
 0..22, so its exact continuation match on these sets is the baseline; the margin of a model that
 started from the stage-2 LM is the retained knowledge.
+
+The transcript-skipping variant (the paper's comparison for its "cross-modal chain of thought")
+trains and tests on the same audio with the prompt transcript removed, so the decoder writes the
+continuation right after the prefix: `<task>_no_transcript` for the training corpus and for both
+sets (`prompt_text` emptied before tokenisation; the audio, the continuation and the ids are the
+same).
 """
 
 from __future__ import annotations
 
-from spectron_tasks.synthetic_counting import SyntheticCountingConfig, register
+import seqio
+
+from spectron_tasks import speech_task
+from spectron_tasks.synthetic_counting import SyntheticCountingConfig, make_source, register
+
+TRAINING_CORPUS = "spectron_synthetic_counting"
+NO_TRANSCRIPT = "_no_transcript"
 
 COUNTING_DOWN = "spectron_counting_down"
 COUNTING_PAST_22 = "spectron_counting_past_22"
@@ -40,7 +52,19 @@ CONFIGS = {
 }
 
 
+@seqio.map_over_dataset
+def drop_prompt_text(ex):
+    """A raw-example preprocessor: the prompt transcript becomes empty."""
+    return {**ex, "prompt_text": ""}
+
+
 def register_all() -> None:
-    """Registers both sets (the default front end, target spectrogram and vocabulary)."""
+    """Registers both sets and the transcript-less variants of them and of the training corpus
+    (the default front end, target spectrogram and vocabulary)."""
+    configs = {TRAINING_CORPUS: SyntheticCountingConfig(), **CONFIGS}
     for name, config in CONFIGS.items():
         register(name, config)
+    for name, config in configs.items():
+        speech_task.register_speech_task(
+            name + NO_TRANSCRIPT, make_source(config), extra_preprocessors=[drop_prompt_text]
+        )

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import seqio
+from task_testing import TINY
 
-from spectron_tasks import counting_knowledge, synthetic_counting
+from spectron_tasks import counting_knowledge, speech_task, synthetic_counting
 from spectron_tasks.number_text import parse_numbers
 
 TRAINING = synthetic_counting.SyntheticCountingConfig()
@@ -60,3 +62,31 @@ def test_new_fields_keep_old_cache_keys_and_check_ranges():
 def test_the_sets_are_registered():
     for name in counting_knowledge.CONFIGS:
         assert name in seqio.TaskRegistry.names()
+        assert name + counting_knowledge.NO_TRANSCRIPT in seqio.TaskRegistry.names()
+    assert "spectron_synthetic_counting_no_transcript" in seqio.TaskRegistry.names()
+
+
+def test_the_transcript_free_variant_drops_the_prompt_text_only(synthetic_cache):
+    """Same audio and continuation; the prompt transcript is empty (its ids too)."""
+    name = "test_counting_no_transcript"
+    speech_task.register_speech_task(
+        name,
+        synthetic_counting.make_source(TINY, synthetic_cache),
+        extra_preprocessors=[counting_knowledge.drop_prompt_text],
+    )
+    plain = synthetic_counting.register(
+        "test_counting_with_transcript", TINY, cache_dir=synthetic_cache
+    )
+
+    def rows(task):
+        ds = task.get_dataset(sequence_length=None, split="validation", shuffle=False)
+        return list(ds.as_numpy_iterator())
+
+    dropped, kept = rows(seqio.get_mixture_or_task(name)), rows(plain)
+    assert len(dropped) == len(kept) == TINY.num_validation
+    for a, b in zip(dropped, kept, strict=True):
+        assert a["prompt_text"] == b"" and a["prompt_transcript"].size == 0
+        assert b["prompt_transcript"].size > 0
+        assert a["continuation_text"] == b["continuation_text"]
+        np.testing.assert_array_equal(a["continuation_transcript"], b["continuation_transcript"])
+        np.testing.assert_array_equal(a["prompt_features"], b["prompt_features"])
