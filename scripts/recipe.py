@@ -66,10 +66,24 @@ class Variant:
     knowledge: tuple[tuple[str, str], ...] = ()  # Judged without the (slow) judges.
 
 
+# The order the grid runs them in: what the recipe's claims need first, the slowest (r1) last.
+ORDER = (
+    "full",
+    "no_primer",
+    "fsdd",
+    "random_lm",
+    "no_ce",
+    "no_derivatives",
+    "no_transcript",
+    "encoder_trained",
+    "r1",
+)
+
+
 def variants(stage1: str, stage2: str) -> list[Variant]:
-    """The grid; `stage1` / `stage2` are the checkpoints dirs of the first two stages."""
+    """The grid, in `ORDER`; `stage1` / `stage2` are the checkpoints dirs of stages 1 and 2."""
     encoder_only = f"{{'{stage1}': {{'encoder': 'params/encoder'}}}}"
-    return [
+    grid = [
         Variant("full", "the recipe", knowledge=KNOWLEDGE),
         Variant("no_primer", "no acoustic prompt", ("PRIMER_FRAMES=0",)),
         Variant("no_ce", "no CE loss", ("spectron.loss_config.ce_weight=0.0",)),
@@ -114,6 +128,7 @@ def variants(stage1: str, stage2: str) -> list[Variant]:
             (FSDD,),
         ),
     ]
+    return sorted(grid, key=lambda v: ORDER.index(v.name))
 
 
 def _gin_flags(overrides: list[str] | tuple[str, ...]) -> list[str]:
@@ -274,6 +289,8 @@ def grid(args: argparse.Namespace) -> None:
         ]
         if args.steps:
             overrides.append(f"TRAIN_STEPS={args.steps}")
+        if v.name != "full":  # The judged evaluation below measures them; no in-run evaluators.
+            overrides.append("train.evaluators=[]")
         train(STAGE3_GIN, model_dir, overrides, args.steps or STAGE_STEPS["stage3"])
         dirs[v.name] = model_dir
         for task, split in v.eval_on:
