@@ -200,6 +200,7 @@ COLUMNS = (
     ("spk ref", "judge_speaker_sim_reference", "{:.3f}"),
     ("gap", "judge_speaker_gap", "{:.3f}"),
     ("real gap", "judge_speaker_gap_reference", "{:.3f}"),
+    ("vocoded real gap", "judge_speaker_gap_reference_vocoded", "{:.3f}"),
     ("gap ratio", "judge_speaker_gap_ratio", "{:.2f}"),
     ("len err (frames)", "length_error_frames_mae", "{:.1f}"),
 )
@@ -345,7 +346,8 @@ def write_table(args, rows, knowledge, speakers, samples) -> None:
         "accuracy on the generated and on the reference continuation audio; the judge speaker "
         "encoder's cosine, prompt vs its own generated continuation (own), vs another speaker's "
         "generated continuation (other), vs its reference continuation (ref); the gap own - "
-        "other, the same gap of the real continuations, their ratio; |generated - reference| "
+        "other, the same gap of the real continuations (recorded, and through Griffin-Lim: the "
+        "ceiling of a perfect log-mel), generated / recorded gap; |generated - reference| "
         "length in frames.",
         "",
         "| variant | split | " + " | ".join(c[0] for c in COLUMNS) + " |",

@@ -40,7 +40,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -277,15 +277,15 @@ class Judges:
 
     def judge(
         self, record: dict, audio: JudgedAudio
-    ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    ) -> tuple[np.ndarray | None, np.ndarray | None, dict[str, np.ndarray | None]]:
         """Adds one example's judged figures to its `runner` record (in place).
 
         The reference figures are for continuation examples only: a spoken answer's reference
         is the answer's gist, not a transcript of what should be heard.
 
         Returns:
-          (prompt, generated, reference continuation) speaker embeddings, float32[256] or
-          None, for `judge_other_speakers`.
+          (prompt, generated, {"reference", "reference_vocoded": continuation}) speaker
+          embeddings, float32[256] or None, for `judge_other_speakers`.
         """
         sr, is_continuation = audio.sample_rate, record["kind"] == "continuation"
         reference_text = record["continuation_text"]
@@ -309,7 +309,7 @@ class Judges:
                 record[f"judge_word_accuracy_{name}"] = metrics.word_accuracy(reference_text, heard)
         prompt = self._embed(audio.prompt, sr)
         if prompt is None:
-            return None, None, None
+            return None, None, {}
         record["judge_prompt_audio"] = audio.prompt_source
         generated = self._embed(audio.generated, sr)
         embedded = {}
@@ -322,7 +322,7 @@ class Judges:
                 record[f"judge_speaker_sim_{name}"] = float(prompt @ embedded[name])
         if generated is not None:
             record["judge_speaker_sim_generated"] = float(prompt @ generated)
-        return prompt, generated, embedded["reference"]
+        return prompt, generated, embedded
 
 
 def other_speaker_pairs(
@@ -350,12 +350,13 @@ def other_speaker_pairs(
 
 def judge_other_speakers(
     records: Sequence[dict],
-    embeddings: Sequence[tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]],
+    embeddings: Sequence[tuple[np.ndarray | None, np.ndarray | None, Mapping[str, Any]]],
 ) -> None:
     """Adds `judge_speaker_sim_other_speaker` (prompt i vs the generation of its
-    `other_speaker_pairs` partner j), `judge_speaker_sim_reference_other_speaker` (prompt i vs
-    j's reference continuation, the same baseline for real speech) and `judge_other_example`
-    (j's id) to the records."""
+    `other_speaker_pairs` partner j), `judge_speaker_sim_reference_other_speaker` and
+    `judge_speaker_sim_reference_vocoded_other_speaker` (prompt i vs j's reference continuation,
+    as recorded and through the vocoder: the same baseline for real speech) and
+    `judge_other_example` (j's id) to the records."""
     generated = [g for _, g, _ in embeddings]
     pairs = other_speaker_pairs(
         [r["speaker_id"] for r in records], [g is not None for g in generated]
@@ -364,9 +365,9 @@ def judge_other_speakers(
         if prompt is not None and j is not None:
             record["judge_speaker_sim_other_speaker"] = float(prompt @ generated[j])
             record["judge_other_example"] = records[j]["id"]
-            reference = embeddings[j][2]
-            if reference is not None:
-                record["judge_speaker_sim_reference_other_speaker"] = float(prompt @ reference)
+            for name, reference in embeddings[j][2].items():
+                if reference is not None:
+                    record[f"judge_speaker_sim_{name}_other_speaker"] = float(prompt @ reference)
 
 
 # Per-example figures whose means `summarize` reports, in the report's order.
@@ -380,6 +381,7 @@ MEAN_KEYS = (
     "judge_speaker_sim_reference_vocoded",
     "judge_speaker_sim_other_speaker",
     "judge_speaker_sim_reference_other_speaker",
+    "judge_speaker_sim_reference_vocoded_other_speaker",
 )
 
 
@@ -387,7 +389,9 @@ def summarize(records: Sequence[dict]) -> dict[str, float]:
     """The split's judged figures: means over the examples that have each figure,
     `judge_speaker_gap` (`metrics.speaker_gap`) over those with both similarities, the same
     gap of the reference continuations (`judge_speaker_gap_reference`, the real voices' own
-    gap) and their ratio `judge_speaker_gap_ratio` (1 = as speaker-specific as real speech)."""
+    gap; `judge_speaker_gap_reference_vocoded` through the run's vocoder, the ceiling of a
+    perfect log-mel) and `judge_speaker_gap_ratio` = generated / real gap (1 = as
+    speaker-specific as real speech)."""
     out: dict[str, float] = {}
     for key in MEAN_KEYS:
         values = [float(r[key]) for r in records if key in r and math.isfinite(float(r[key]))]
@@ -400,17 +404,17 @@ def summarize(records: Sequence[dict]) -> dict[str, float]:
             [r["judge_speaker_sim_generated"] for r in paired],
             [r["judge_speaker_sim_other_speaker"] for r in paired],
         )
-    real = [r for r in records if "judge_speaker_sim_reference_other_speaker" in r]
-    real = [r for r in real if "judge_speaker_sim_reference" in r]
-    if real:
-        out["judge_speaker_gap_reference"] = metrics.speaker_gap(
-            [r["judge_speaker_sim_reference"] for r in real],
-            [r["judge_speaker_sim_reference_other_speaker"] for r in real],
-        )
-        if "judge_speaker_gap" in out and out["judge_speaker_gap_reference"] > 0:
-            out["judge_speaker_gap_ratio"] = (
-                out["judge_speaker_gap"] / out["judge_speaker_gap_reference"]
+    for name in ("reference", "reference_vocoded"):
+        own, other = f"judge_speaker_sim_{name}", f"judge_speaker_sim_{name}_other_speaker"
+        real = [r for r in records if own in r and other in r]
+        if real:
+            out[f"judge_speaker_gap_{name}"] = metrics.speaker_gap(
+                [r[own] for r in real], [r[other] for r in real]
             )
+    if "judge_speaker_gap" in out and out.get("judge_speaker_gap_reference", 0.0) > 0:
+        out["judge_speaker_gap_ratio"] = (
+            out["judge_speaker_gap"] / out["judge_speaker_gap_reference"]
+        )
     return out
 
 
@@ -434,7 +438,7 @@ def _reading(key: str) -> str:
     if key.endswith("other_speaker"):
         return "baseline"
     reference = ("judge_word_accuracy_reference", "judge_speaker_sim_reference")
-    if key.startswith(reference) or key == "judge_speaker_gap_reference":
+    if key.startswith(reference) or key.startswith("judge_speaker_gap_reference"):
         return "ceiling"
     return "higher"
 
@@ -442,6 +446,7 @@ def _reading(key: str) -> str:
 def markdown(figures: dict[str, Any], lines: Sequence[str]) -> str:
     """The report's section of judged figures."""
     gaps = ("judge_speaker_gap", "judge_speaker_gap_reference", "judge_speaker_gap_ratio")
+    gaps += ("judge_speaker_gap_reference_vocoded",)
     rows = [key for key in (*MEAN_KEYS, *gaps) if key in figures]
     if not rows:
         return ""

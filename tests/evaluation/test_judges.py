@@ -179,7 +179,7 @@ def test_judge_one_example_with_known_answers():
 
     # A spoken answer: no reference figures; without prompt audio, no speaker figures.
     qa = {"kind": "qa", "continuation_text": "paris", "hyp_continuation": "three four"}
-    assert panel.judge(qa, judges.JudgedAudio(16_000, generated=_tagged(0.2))) == (None, None, None)
+    assert panel.judge(qa, judges.JudgedAudio(16_000, generated=_tagged(0.2))) == (None, None, {})
     assert qa["judge_word_accuracy_generated_vs_text"] == 1.0
     assert not any("reference" in k or "speaker" in k for k in qa)
 
@@ -194,7 +194,8 @@ def test_other_speaker_baseline_and_summary():
     half = np.array([0.6, 0.8], np.float32)
     records[0]["judge_speaker_sim_reference"] = 0.95  # Only a has a reference similarity.
     judges.judge_other_speakers(
-        records, [(unit, unit, None), (unit, unit, None), (unit, half, unit)]
+        records,
+        [(unit, unit, {}), (unit, unit, {"reference": None}), (unit, half, {"reference": unit})],
     )
     # a and b pair with c (prompt . c's generation = 0.6); c pairs with a (1.0).
     assert [r["judge_other_example"] for r in records] == ["c", "c", "a"]
@@ -409,11 +410,16 @@ def test_speaker_gap_ratio_against_the_reference_gap():
         r["judge_speaker_sim_reference"] = 0.9
     # Prompt . other's generation = 0.5; prompt . other's reference = 0.5.
     mix = np.array([0.5, 0.5], np.float32)
-    judges.judge_other_speakers(records, [(e1, mix, mix), (e2, mix, mix)])
+    both = {"reference": mix, "reference_vocoded": e1}
+    judges.judge_other_speakers(records, [(e1, mix, both), (e2, mix, both)])
+    for r in records:
+        r["judge_speaker_sim_reference_vocoded"] = 0.6
     summary = judges.summarize(records)
     assert summary["judge_speaker_gap"] == pytest.approx(0.2)
     assert summary["judge_speaker_gap_reference"] == pytest.approx(0.4)
     assert summary["judge_speaker_gap_ratio"] == pytest.approx(0.5)
+    # Through the vocoder: a's prompt . e1 = 1, b's prompt . e1 = 0 -> gaps -0.4 and 0.6.
+    assert summary["judge_speaker_gap_reference_vocoded"] == pytest.approx(0.1)
     section = judges.markdown(summary, [])
     assert "| `judge_speaker_sim_reference_other_speaker` | 0.5000 | baseline |" in section
     assert "| `judge_speaker_gap_reference` | 0.4000 | ceiling |" in section
