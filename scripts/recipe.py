@@ -188,6 +188,36 @@ def evaluate(model_dir: str, task: str, split: str, max_examples: int, judged: b
         return json.load(f)
 
 
+KNOWLEDGE_LENGTHS = (
+    "{'prompt_features': 128, 'prompt_transcript': 8, "
+    "'continuation_transcript': 8, 'continuation_frames': 128}"
+)
+
+
+def teacher_forced(model_dir: str, task: str, split: str, overrides: list[str]) -> dict:
+    """`python -m spectron_jax.train --mode=eval` on one split: the teacher-forced metrics
+    (given the audio and the true transcript), e.g. `accuracy_continuation`."""
+    path = os.path.join(model_dir, "eval", f"teacher_forced.{task}.{split}.json")
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        cmd = [sys.executable, "-m", "spectron_jax.train", "--mode=eval"]
+        cmd += [f"--gin_file={STAGE3_GIN}", "--gin_file=runs/eval.gin"]
+        cmd += _gin_flags(
+            [
+                *overrides,
+                f"MODEL_DIR='{model_dir}'",
+                f"MIXTURE_OR_TASK_NAME='{task}'",
+                f"EVAL_SPLIT='{split}'",
+                f"TASK_FEATURE_LENGTHS={KNOWLEDGE_LENGTHS}",
+                "BATCH_SIZE=16",
+                f"evaluate_checkpoint.output_json='{path}'",
+            ]
+        )
+        run(cmd, path.replace(".json", ".log"))
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)["metrics"]
+
+
 # Columns of the table: (heading, figure of `spectron eval`, format).
 COLUMNS = (
     ("transcript WER", "transcript_wer", "{:.3f}"),
@@ -303,14 +333,18 @@ def grid(args: argparse.Namespace) -> None:
             samples[v.name] = copy_samples(v.name, judged, args.results)
         for task, split in v.knowledge:
             metrics = evaluate(model_dir, task, split, 10_000, judged=False)
-            knowledge.append(knowledge_row(v.name, task, split, metrics))
+            forced = teacher_forced(model_dir, task, split, overrides)
+            knowledge.append(knowledge_row(v.name, task, split, metrics, forced))
     os.makedirs(args.results, exist_ok=True)
     loss_curves(dirs, os.path.join(args.results, "ablation_loss_curves.png"))
     write_table(args, rows, knowledge, speakers, samples)
 
 
-def knowledge_row(name: str, task: str, split: str, metrics: dict) -> str:
-    """Free-running text on a knowledge set: the first number, both numbers, the transcript."""
+def knowledge_row(
+    name: str, task: str, split: str, metrics: dict, forced: dict | None = None
+) -> str:
+    """Free-running text on a knowledge set (the transcript, the first number, both numbers) and
+    the teacher-forced continuation token accuracy (`forced`: given the true transcript)."""
     from spectron_tasks.number_text import parse_numbers
 
     examples = metrics["examples"]
@@ -331,6 +365,7 @@ def knowledge_row(name: str, task: str, split: str, metrics: dict) -> str:
         f"{sum(both_heard) / len(both_heard):.2f}"
         if both_heard and "no_transcript" not in task
         else "-",
+        f"{forced['accuracy_continuation']:.2f}" if forced else "-",
     ]
     return "| " + " | ".join(cells) + " |"
 
@@ -360,10 +395,13 @@ def write_table(args, rows, knowledge, speakers, samples) -> None:
         "",
         "Free-running text (greedy), all examples of the set: the prompt transcript exact, the "
         "first continuation number right, both right, and both right among the examples whose "
-        "transcript is exact (a hearing error is not missing knowledge).",
+        "transcript is exact (a hearing error is not missing knowledge); and teacher-forced "
+        "(`--mode=eval`, given the audio and the true prompt transcript) the continuation's "
+        "token accuracy, which measures the LM knowledge without the hearing.",
         "",
-        "| variant | set | n | transcript exact | first number | both | both, heard right |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | set | n | transcript exact | first number | both | both, heard right "
+        "| teacher-forced continuation acc |",
+        "|---|---|---|---|---|---|---|---|",
         *knowledge,
         "",
     ]

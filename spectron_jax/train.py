@@ -342,8 +342,12 @@ def evaluate_checkpoint(
     *,
     mesh: jax.sharding.Mesh | None = None,
     seed: int = 0,
+    output_json: str | None = None,
 ) -> dict[str, float]:
     """Evaluates the newest readable checkpoint of `model_dir`; writes `eval/*` scalars.
+
+    Args:
+      output_json: also write {"step", "metrics"} there (for scripts), process 0 only.
 
     Returns:
       Mean eval metrics.
@@ -368,6 +372,9 @@ def evaluate_checkpoint(
     )
     writer.log_eval(restored.step, result)
     writer.close()
+    if output_json and jax.process_index() == 0:
+        record = {"step": restored.step, "metrics": {k: float(v) for k, v in result.items()}}
+        epath.Path(output_json).write_text(json.dumps(record, indent=2))
     return result
 
 

@@ -117,7 +117,11 @@ def test_knowledge_row_counts_first_number_both_and_heard():
     }
     row = recipe.knowledge_row("full", "spectron_counting_down", "validation", metrics)
     # n 4; transcript exact 2/4; first number 3/4; both 2/4; both among heard right 1/2.
-    assert row == "| full | spectron_counting_down:validation | 4 | 0.50 | 0.75 | 0.50 | 0.50 |"
+    assert row == "| full | spectron_counting_down:validation | 4 | 0.50 | 0.75 | 0.50 | 0.50 | - |"
+    forced = recipe.knowledge_row(
+        "full", "spectron_counting_down", "validation", metrics, {"accuracy_continuation": 0.25}
+    )
+    assert forced.endswith("| 0.50 | 0.25 |")
 
 
 def test_per_speaker_means():

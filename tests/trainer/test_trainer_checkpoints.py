@@ -4,6 +4,7 @@ policies, the model config inside checkpoints, and partial init."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -224,3 +225,28 @@ def test_init_from_two_checkpoints_takes_each_subtree_from_its_own(tmp_path):
         checkpoints.init_sources(str(tmp_path / "one"), ["head"], {str(tmp_path / "two"): ["head"]})
     with pytest.raises(ValueError, match="'params' of .*one overlaps 'head'"):
         checkpoints.init_sources(str(tmp_path / "one"), None, {str(tmp_path / "two"): ["head"]})
+
+
+def test_evaluate_checkpoint_scores_the_newest_step_and_writes_json(tmp_path):
+    """`--mode=eval`: the newest checkpoint's eval metrics, the same as the trainer's own eval
+    over those params; a model dir without checkpoints is a clear error."""
+    _train(tmp_path / "run", 4, [])
+    out = tmp_path / "eval.json"
+    got = train.evaluate_checkpoint(
+        model=tm.TinyModel(),
+        dataset_fn=tm.make_dataset_fn(),
+        model_dir=str(tmp_path / "run"),
+        num_batches=2,
+        mesh=_mesh(),
+        output_json=str(out),
+    )
+    record = json.loads(out.read_text())
+    assert record["step"] == 4 and record["metrics"] == pytest.approx(got)
+    assert np.isfinite(got["loss"]) and got["loss"] > 0
+    with pytest.raises(FileNotFoundError, match="no readable checkpoint"):
+        train.evaluate_checkpoint(
+            model=tm.TinyModel(),
+            dataset_fn=tm.make_dataset_fn(),
+            model_dir=str(tmp_path / "empty"),
+            mesh=_mesh(),
+        )
