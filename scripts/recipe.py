@@ -45,16 +45,12 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGE3_GIN = "gin/recipe/stage3_spectron.gin"
+STAGE3_FSDD_GIN = "gin/recipe/stage3_spectron_fsdd.gin"
 SPEECH = ("spectron_synthetic_counting", "validation_unseen_voices")
 FSDD = ("spectron_fsdd_counting", "test")
 KNOWLEDGE = (("spectron_counting_down", "validation"), ("spectron_counting_past_22", "validation"))
 NO_TRANSCRIPT = "_no_transcript"
 STAGE_STEPS = {"stage1": 600, "stage2": 1000, "stage3": 500}  # TRAIN_STEPS of their gin files.
-# FSDD counting runs: 2 prompt digits, 2-4 continuation digits, takes up to ~2.5 s.
-FSDD_LENGTHS = (
-    "{'prompt_features': 128, 'prompt_transcript': 3, "
-    "'continuation_transcript': 5, 'continuation_frames': 192}"
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +60,7 @@ class Variant:
     overrides: tuple[str, ...] = ()
     eval_on: tuple[tuple[str, str], ...] = (SPEECH,)
     knowledge: tuple[tuple[str, str], ...] = ()  # Judged without the (slow) judges.
+    gin_file: str = STAGE3_GIN
 
 
 # The order the grid runs them in: what the recipe's claims need first, the slowest (r1) last.
@@ -117,16 +114,7 @@ def variants(stage1: str, stage2: str) -> list[Variant]:
             ((SPEECH[0] + NO_TRANSCRIPT, SPEECH[1]),),
             tuple((task + NO_TRANSCRIPT, split) for task, split in KNOWLEDGE),
         ),
-        Variant(
-            "fsdd",
-            "the recipe on FSDD",
-            (
-                "MIXTURE_OR_TASK_NAME='spectron_fsdd_counting'",
-                f"TASK_FEATURE_LENGTHS={FSDD_LENGTHS}",
-                "CountingEvaluator.splits=('test',)",
-            ),
-            (FSDD,),
-        ),
+        Variant("fsdd", "the recipe on FSDD", (), (FSDD,), gin_file=STAGE3_FSDD_GIN),
     ]
     return sorted(grid, key=lambda v: ORDER.index(v.name))
 
@@ -322,7 +310,7 @@ def grid(args: argparse.Namespace) -> None:
             overrides.append(f"TRAIN_STEPS={args.steps}")
         if v.name != "full":  # The judged evaluation below measures them; no in-run evaluators.
             overrides.append("train.evaluators=[]")
-        train(STAGE3_GIN, model_dir, overrides, args.steps or STAGE_STEPS["stage3"])
+        train(v.gin_file, model_dir, overrides, args.steps or STAGE_STEPS["stage3"])
         dirs[v.name] = model_dir
         for task, split in v.eval_on:
             metrics = evaluate(model_dir, task, split, args.max_examples)

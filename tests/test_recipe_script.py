@@ -25,7 +25,7 @@ def _parse(variant: recipe.Variant) -> config_lib.SpectronConfig:
     gin.clear_config()
     overrides = ["MODEL_DIR='/tmp/unused'", "STAGE1_CHECKPOINTS='/s1/checkpoints'"]
     overrides += ["STAGE2_CHECKPOINTS='/s2/checkpoints'", *variant.overrides]
-    train.parse_gin([recipe.STAGE3_GIN], overrides, [os.path.join(ROOT, "gin"), ROOT])
+    train.parse_gin([variant.gin_file], overrides, [os.path.join(ROOT, "gin"), ROOT])
     return config_lib.spectron_config()
 
 
