@@ -24,3 +24,10 @@ def test_retrieval_finds_a_linear_map_and_not_noise():
     assert probe.retrieval_accuracy(target, target) == 1.0
     # Unrelated vectors: about chance (1/60).
     assert probe.retrieval_accuracy(rng.normal(size=(120, 12)), target) < 0.1
+
+
+def test_detail_is_zero_for_flat_and_grows_with_ripple():
+    flat = np.ones((10, 8))
+    assert probe.detail(flat) == (0.0, 0.0)
+    ripple = np.tile([0.0, 1.0], (10, 4))  # Alternating across frequency only.
+    assert probe.detail(ripple) == (1.0, 0.0)
