@@ -260,7 +260,10 @@ def loss_curves(model_dirs: dict[str, str], path: str) -> None:
     tags = ("train/spec", "train/ce")
     fig, axes = plt.subplots(1, len(tags), figsize=(11, 4))
     for name, model_dir in model_dirs.items():
-        acc = event_accumulator.EventAccumulator(os.path.join(model_dir, "tensorboard"))
+        acc = event_accumulator.EventAccumulator(
+            os.path.join(model_dir, "tensorboard"),
+            size_guidance={"tensors": 0},  # every point
+        )
         acc.Reload()
         for ax, tag in zip(axes, tags, strict=True):
             if tag in acc.Tags()["tensors"]:
