@@ -351,20 +351,37 @@ class _Program:
           active: bool[B] rows whose slot is valid; the others write a masked-out slot and keep
             their position, like padding inside a training sequence.
         """
-        key_valid = _set_column(cursor.key_valid, cursor.index, active)
+        return self.chunk(cursor, method, inputs, active[:, None], rng)
+
+    def chunk(self, cursor: CacheCursor, method, inputs, valid, rng=None):
+        """T slots at the cursor in one call (causal among themselves): (output, cursor).
+
+        Args:
+          inputs: [B, T, ...] the slots' input to `method`.
+          valid: bool/int[B, T] slots that are real; an invalid one is masked out of attention
+            and takes no position, like padding inside a training sequence.
+        """
+        valid = valid.astype(jnp.int32)
+        t = valid.shape[1]
+        cols = cursor.index + jnp.arange(t)
+        key_valid = cursor.key_valid.at[:, cols].set(
+            valid.astype(cursor.key_valid.dtype), mode="drop"
+        )
+        # A valid slot's position counts the valid slots before it (`cumsum(valid) - 1`).
+        positions = cursor.next_pos[:, None] + jnp.cumsum(valid, axis=1) - valid
         out, cache = self.apply_cached(
             cursor.cache,
             method,
             inputs,
-            cursor.next_pos[:, None],
-            decode_mask(key_valid, cursor.index, 1),
+            positions,
+            decode_mask(key_valid, cursor.index, t),
             rng=rng,
         )
         advanced = CacheCursor(
             cache=cache,
-            index=cursor.index + 1,
+            index=cursor.index + t,
             key_valid=key_valid,
-            next_pos=cursor.next_pos + active,
+            next_pos=cursor.next_pos + jnp.sum(valid, axis=1).astype(cursor.next_pos.dtype),
         )
         return out, advanced
 
@@ -539,29 +556,10 @@ def _feed_primer(
       (the cursor after them, float32[B, r * n_mels] the last primer group: the pre-net input
       of the first generated group).
     """
-    module = prog.module
     groups, valid = prog.apply(Spectron.primer, batch["encoder_features"], batch["encoder_mask"])
-    kp = groups.shape[1]
-    key_valid = jax.lax.dynamic_update_slice(
-        cursor.key_valid, valid.astype(cursor.key_valid.dtype), (0, cursor.index)
-    )
-    positions = cursor.next_pos[:, None] + jnp.cumsum(valid, axis=1) - 1
     # Its own dropout stream: the frame loop folds in the group index 0, 1, ...
-    rng = jax.random.fold_in(prog.dropout_rng, module.config.primer_groups + 2**20)
-    _, cache = prog.apply_cached(
-        cursor.cache,
-        _frame_step,
-        shift_groups(groups),
-        positions,
-        decode_mask(key_valid, cursor.index, kp),
-        rng=rng,
-    )
-    advanced = CacheCursor(
-        cache=cache,
-        index=cursor.index + kp,
-        key_valid=key_valid,
-        next_pos=cursor.next_pos + jnp.sum(valid, axis=1).astype(cursor.next_pos.dtype),
-    )
+    rng = jax.random.fold_in(prog.dropout_rng, prog.module.config.primer_groups + 2**20)
+    _, advanced = prog.chunk(cursor, _frame_step, shift_groups(groups), valid, rng)
     return advanced, groups[:, -1].astype(jnp.float32)
 
 
