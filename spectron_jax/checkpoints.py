@@ -408,18 +408,18 @@ def init_sources(
     for source, subtrees in sources.items():
         for dst in _targets(subtrees):
             for other, owner in owners.items():
-                if (
-                    dst == other
-                    or "" in (dst, other)
-                    or dst.startswith(other + "/")
-                    or (other.startswith(dst + "/"))
-                ):
+                if _nested(dst, other) or _nested(other, dst):
                     raise ValueError(
                         f"init subtree {dst or 'params'!r} of {source} overlaps "
                         f"{other or 'params'!r} of {owner}: each parameter has one source"
                     )
             owners[dst] = source
     return sources
+
+
+def _nested(inner: str, outer: str) -> bool:
+    """Whether params path `inner` lies in `outer` ("" is the whole tree)."""
+    return outer == "" or inner == outer or inner.startswith(outer + "/")
 
 
 def _targets(subtrees: Mapping[str, str] | Sequence[str] | None) -> list[str]:
