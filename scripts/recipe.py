@@ -107,10 +107,7 @@ def variants(stage1: str, stage2: str) -> list[Variant]:
         Variant(
             "no_transcript",
             "no prompt transcript",
-            (
-                f"MIXTURE_OR_TASK_NAME='{SPEECH[0]}{NO_TRANSCRIPT}'",
-                "train.evaluators=[@SpeechSamples()]",
-            ),
+            (f"MIXTURE_OR_TASK_NAME='{SPEECH[0]}{NO_TRANSCRIPT}'",),
             ((SPEECH[0] + NO_TRANSCRIPT, SPEECH[1]),),
             tuple((task + NO_TRANSCRIPT, split) for task, split in KNOWLEDGE),
         ),
@@ -146,17 +143,20 @@ def train(gin_file: str, model_dir: str, overrides: list[str], steps: int) -> No
     run(cmd, os.path.join(model_dir, "train.log"))
 
 
-def stages(work: str, steps_overrides: list[str]) -> tuple[str, str, str]:
+def pretrained_stages(stage1: str, stage2: str) -> list[str]:
+    """The gin overrides that point stage 3 at the model dirs of stages 1 and 2."""
+    return [
+        f"STAGE1_CHECKPOINTS='{stage1}/checkpoints'",
+        f"STAGE2_CHECKPOINTS='{stage2}/checkpoints'",
+    ]
+
+
+def stages(work: str) -> tuple[str, str, str]:
     """Stages 1, 2 and 3 into `work`/stage{1,2,3}; returns their model dirs."""
     s1, s2, s3 = (os.path.join(work, f"stage{i}") for i in (1, 2, 3))
     train("gin/recipe/stage1_encoder_ctc.gin", s1, [], STAGE_STEPS["stage1"])
     train("gin/recipe/stage2_text_lm.gin", s2, [], STAGE_STEPS["stage2"])
-    stage3 = [
-        f"STAGE1_CHECKPOINTS='{s1}/checkpoints'",
-        f"STAGE2_CHECKPOINTS='{s2}/checkpoints'",
-        *steps_overrides,
-    ]
-    train(STAGE3_GIN, s3, stage3, STAGE_STEPS["stage3"])
+    train(STAGE3_GIN, s3, pretrained_stages(s1, s2), STAGE_STEPS["stage3"])
     return s1, s2, s3
 
 
@@ -297,18 +297,14 @@ def grid(args: argparse.Namespace) -> None:
     if args.stage1 and args.stage2:  # Pretrained stages given: the grid trains stage 3 only.
         s1, s2 = args.stage1, args.stage2
     else:
-        s1, s2, _ = stages(args.work, [])
+        s1, s2, _ = stages(args.work)
     chosen = set(args.variants.split(",")) if args.variants else None
     rows, knowledge, dirs, speakers, samples = [], [], {}, {}, {}
     for v in variants(f"{s1}/checkpoints", f"{s2}/checkpoints"):
         if chosen is not None and v.name not in chosen:
             continue
         model_dir = os.path.join(args.work, "grid", v.name)
-        overrides = [
-            f"STAGE1_CHECKPOINTS='{s1}/checkpoints'",
-            f"STAGE2_CHECKPOINTS='{s2}/checkpoints'",
-            *v.overrides,
-        ]
+        overrides = [*pretrained_stages(s1, s2), *v.overrides]
         if args.steps:
             overrides.append(f"TRAIN_STEPS={args.steps}")
         if v.name != "full":  # The judged evaluation below measures them; no in-run evaluators.
@@ -438,7 +434,7 @@ def main(argv: list[str] | None = None) -> None:
     gr.add_argument("--max-examples", type=int, default=40)
     args = p.parse_args(argv)
     if args.command == "stages":
-        stages(args.work, [])
+        stages(args.work)
     else:
         grid(args)
 
