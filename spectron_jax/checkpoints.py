@@ -36,6 +36,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from spectron_jax.nn import stack
+
 PyTree = Any
 logger = logging.getLogger(__name__)
 
@@ -45,6 +47,17 @@ VOCABULARY_JSON = "vocabulary.json"
 
 class MissingVocabularyError(FileNotFoundError):
     """A checkpoint that records no vocabulary, with no vocabulary file given either."""
+
+
+class LayerLayoutError(ValueError):
+    """The checkpoint holds the layers scanned where the model unrolls them, or the reverse."""
+
+
+def tree_metadata(directory: str | epath.Path) -> dict[str, Any]:
+    """The nested-dict tree (leaves: array metadata) of an Orbax PyTree directory (no arrays)."""
+    meta = ocp.PyTreeCheckpointer().metadata(epath.Path(directory))
+    meta = getattr(meta, "item_metadata", meta)
+    return dict(getattr(meta, "tree", meta))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,7 +264,26 @@ class Checkpointer:
         return steps[-1] if steps else None
 
     def restore(self, step: int, abstract_state: PyTree) -> Restored:
-        """Restores one step onto the shardings of `abstract_state` (ShapeDtypeStructs)."""
+        """Restores one step onto the shardings of `abstract_state` (ShapeDtypeStructs).
+
+        Raises:
+          LayerLayoutError: the step stores layers scanned where the model unrolls them (or the
+            reverse): a config mismatch, named, never taken for a damaged checkpoint.
+        """
+        state_dir = self.directory / str(step) / "state"
+        if state_dir.is_dir():
+            # A TrainState is no mapping: its params are what can be laid out either way.
+            params = getattr(abstract_state, "params", None)
+            expected = abstract_state if params is None else {"params": params}
+            mismatches = stack.layout_mismatches(expected, tree_metadata(state_dir))
+            if mismatches:
+                raise LayerLayoutError(
+                    f"checkpoint step {step} in {self.directory} was written with the other "
+                    f"`scan_layers` ({'; '.join(mismatches)}): set "
+                    "spectron.decoder_config.scan_layers / spectron.conformer_config.scan_layers "
+                    "to the checkpoint's layout to resume it, or start a new model dir with "
+                    "train.init_checkpoint pointing at it (init converts the layout)"
+                )
         out = self.manager.restore(
             step,
             args=ocp.args.Composite(
@@ -271,6 +303,8 @@ class Checkpointer:
         for step in reversed(self.steps()):
             try:
                 return self.restore(step, abstract_state)
+            except LayerLayoutError:
+                raise
             except Exception as err:  # noqa: BLE001 - any read failure means "try the previous"
                 logger.warning(
                     "checkpoint: step %d in %s is unreadable (%s: %s); falling back to the "
@@ -344,7 +378,9 @@ def load_subtrees(
       shardings: `NamedSharding`s of `params`.
 
     Returns:
-      A new params tree; everything outside `subtrees` is the fresh init.
+      A new params tree; everything outside `subtrees` is the fresh init. Layers stored in the
+      other layout (`layers_{i}` where the model scans `layers`, or the reverse) are stacked or
+      unstacked on the way in.
 
     Raises:
       KeyError: a path is missing; ValueError: a shape differs.
@@ -359,14 +395,21 @@ def load_subtrees(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), fresh, shard
         )
         _merge(target, _nest(src, abstract))
+    stored = tree_metadata(directory)
+    relayout = bool(stack.layout_mismatches(target, stored))
+    request = stack.abstract_in_layout_of(target, stored) if relayout else target
     restored = ocp.PyTreeCheckpointer().restore(
         directory,
         args=ocp.args.PyTreeRestore(
-            item=target,
-            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            item=request,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(request),
             partial_restore=True,
         ),
     )
+    if relayout:
+        logger.info("init: %s stores the layers in the other layout; converting", directory)
+        restored = stack.in_layout_of(restored, target)
+        restored = jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), restored, target)
     out = jax.tree.map(lambda x: x, params)  # fresh containers; leaves shared
     for dst, src in subtrees.items():
         loaded, fresh = _get_path(restored, src), _get_path(params, dst)

@@ -21,6 +21,7 @@ import gin
 
 from spectron_jax.audio.spectrogram import SpectrogramConfig
 from spectron_jax.losses import LossConfig
+from spectron_jax.nn import stack
 from spectron_jax.nn.conformer import ConformerConfig
 from spectron_jax.nn.decoder import DecoderConfig
 from spectron_jax.nn.layers import ceil_div
@@ -149,7 +150,8 @@ class SpectronConfig:
         d = dict(d)
         for name, sub in _SUB_CONFIGS.items():
             if name in d and isinstance(d[name], dict):
-                d[name] = sub(**d[name])
+                fields = stack.saved_layout(d[name]) if name in _STACKS else d[name]
+                d[name] = sub(**fields)
         return cls(**d)
 
     @classmethod
@@ -157,6 +159,7 @@ class SpectronConfig:
         return cls.from_dict(json.loads(text))
 
 
+_STACKS = ("decoder", "encoder")  # Sub-configs with a `scan_layers` layout.
 _SUB_CONFIGS = {
     "decoder": DecoderConfig,
     "encoder": ConformerConfig,
@@ -251,3 +254,24 @@ def spectron_config(
         **dtypes,
         **knobs,
     )
+
+
+def example_input_shapes(
+    config: SpectronConfig,
+    batch_size: int = 1,
+    prompt_frames: int = 16,
+    text_length: int = 8,
+    num_frames: int | None = None,
+) -> dict[str, tuple[int, ...]]:
+    """Shapes of a model batch (for abstract init and parameter counts)."""
+    t_f = num_frames if num_frames is not None else 2 * config.reduction_factor
+    return {
+        "encoder_features": (batch_size, prompt_frames, config.encoder_feature_dim),
+        "encoder_mask": (batch_size, prompt_frames),
+        "decoder_input_tokens": (batch_size, text_length),
+        "decoder_target_tokens": (batch_size, text_length),
+        "decoder_loss_weights": (batch_size, text_length),
+        "text_part": (batch_size, text_length),
+        "target_frames": (batch_size, t_f, config.n_mels),
+        "frame_mask": (batch_size, t_f),
+    }

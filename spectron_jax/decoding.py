@@ -37,10 +37,13 @@ import functools
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
+from spectron_jax import partitioning
 from spectron_jax.interfaces import Model
 from spectron_jax.network import Spectron
 from spectron_jax.nn.attention import decode_mask, positions_from_valid, prefix_lm_mask
@@ -634,10 +637,34 @@ def _generate(
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(model_config: SpectronConfig, options: DecodeConfig):
-    """One jitted program per model config and static decode options (jit caches per shape)."""
-    module = Spectron(model_config)
-    return jax.jit(functools.partial(_generate, module, options))
+def _compiled(model_config: SpectronConfig, options: DecodeConfig, mesh: Mesh | None = None):
+    """One jitted program per model config, static decode options and mesh (jit caches shapes).
+
+    With a mesh the program is traced under the logical-axis rules, so the activations' and the
+    KV cache's `with_logical_constraint`s shard them as in training.
+    """
+    program = functools.partial(_generate, Spectron(model_config), options)
+    if mesh is None:
+        return jax.jit(program)
+
+    def sharded(params, batch, knobs):
+        with partitioning.axis_rules(mesh):
+            return program(params, batch, knobs)
+
+    return jax.jit(sharded)
+
+
+def param_shardings(model: Model, mesh: Mesh) -> PyTree:
+    """`NamedSharding` per parameter, from their logical axes and the one rules table (as the
+    trainer places them)."""
+    from spectron_jax.config import example_input_shapes
+
+    shapes = example_input_shapes(model.config)
+    with partitioning.axis_rules(mesh):
+        boxed = jax.eval_shape(
+            lambda rng: model.get_initial_variables(rng, shapes)["params"], jax.random.PRNGKey(0)
+        )
+    return partitioning.tree_shardings(nn.unbox(boxed), partitioning.logical_specs(boxed), mesh)
 
 
 def _knobs(config: DecodeConfig, rng: jax.Array | None) -> dict[str, jax.Array]:
@@ -672,6 +699,7 @@ def generate(
     config: DecodeConfig,
     *,
     rng: jax.Array | None = None,
+    mesh: Mesh | None = None,
 ) -> dict[str, jax.Array]:
     """Generates text, then speech, for a batch of prompts (one compiled program).
 
@@ -684,6 +712,9 @@ def generate(
         optionally `text_part` int32[B, L] (> 0 = valid; else tokens != 0 are valid).
       config: decoding options.
       rng: PRNG key of sampling and pre-net dropout; default `PRNGKey(config.seed)`.
+      mesh: decode sharded over this mesh as training is: parameters by their logical axes,
+        the batch (B a multiple of data x fsdp) and the KV cache over the batch axes, kv heads
+        over `tensor`. None: wherever the arrays are (one device).
 
     Returns:
       `text_tokens` int32[B, max_text_tokens] (generated ids, EOS included, 0 after),
@@ -699,7 +730,11 @@ def generate(
     if config.text_mode == "forced":
         keys += [k for k in ("decoder_input_tokens", "text_part") if k in batch]
     inputs = {k: jnp.asarray(batch[k]) for k in keys}
-    return _compiled(model.config, config.static_key())(params, inputs, _knobs(config, rng))
+    if mesh is not None:
+        params = jax.device_put(nn.unbox(params), param_shardings(model, mesh))
+        inputs = jax.device_put(inputs, partitioning.batch_sharding(mesh))
+    program = _compiled(model.config, config.static_key(), mesh)
+    return program(params, inputs, _knobs(config, rng))
 
 
 def predict_batch_with_aux(

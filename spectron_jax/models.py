@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from spectron_jax import decoding, losses, vocabularies
-from spectron_jax.config import SpectronConfig
+from spectron_jax.config import SpectronConfig, example_input_shapes
 from spectron_jax.interfaces import Vocabulary
 from spectron_jax.network import Spectron
 
@@ -43,27 +43,6 @@ INPUT_TYPES = {
 # Pre-net dropout stays on outside training (Tacotron 2 practice); without a caller rng, evaluation
 # and scoring draw it from this fixed key, so they are reproducible.
 _EVAL_DROPOUT_SEED = 0
-
-
-def example_input_shapes(
-    config: SpectronConfig,
-    batch_size: int = 1,
-    prompt_frames: int = 16,
-    text_length: int = 8,
-    num_frames: int | None = None,
-) -> dict[str, tuple[int, ...]]:
-    """Shapes of a model batch (for abstract init and parameter counts)."""
-    t_f = num_frames if num_frames is not None else 2 * config.reduction_factor
-    return {
-        "encoder_features": (batch_size, prompt_frames, config.encoder_feature_dim),
-        "encoder_mask": (batch_size, prompt_frames),
-        "decoder_input_tokens": (batch_size, text_length),
-        "decoder_target_tokens": (batch_size, text_length),
-        "decoder_loss_weights": (batch_size, text_length),
-        "text_part": (batch_size, text_length),
-        "target_frames": (batch_size, t_f, config.n_mels),
-        "frame_mask": (batch_size, t_f),
-    }
 
 
 class SpectronModel(vocabularies.TextContract):

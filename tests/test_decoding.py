@@ -424,9 +424,10 @@ SCHEDULE = np.array(
 
 
 @functools.cache
-def _scheduled_program(model_config, options):
+def _scheduled_program(model_config, options, mesh=None):
     """The decode program traced with the scheduled frame step; its own cache, so that no other
     test meets the patched step (the thresholds are traced: one compile serves every case)."""
+    assert mesh is None
     return jax.jit(functools.partial(decoding._generate, Spectron(model_config), options))
 
 
@@ -605,3 +606,27 @@ def test_spectron_eval_measures_the_self_stopped_length(stop_checkpoint, tmp_pat
     m = runner.evaluate_examples(loaded, examples, tmp_path / "fixed", fixed).metrics
     assert m["hit_max_fraction"] == 1.0
     assert m["length_error_frames_mean"] == pytest.approx(((most - 9) + (most - 30)) / 2)
+
+
+def test_sharded_decoding_equals_single_device():
+    """8 fake devices, data x fsdp x tensor = 2 x 2 x 2: parameters placed by their logical
+    axes, the batch and the KV cache over data x fsdp, kv heads over tensor."""
+    from spectron_jax import partitioning
+
+    config = st.tiny_config(stop_head=True, prenet_dropout_at_inference=False)
+    batch = st.random_batch(config, batch_size=4)
+    params = st.init_params(config, batch)
+    model = st.tiny_model(config)
+    options = _greedy(eos_id=-1)
+    single = jax.device_get(decoding.generate(model, params, batch, options))
+    mesh = partitioning.create_mesh(data=2, fsdp=2, tensor=2)
+    shardings = decoding.param_shardings(model, mesh)
+    # The decoder's query kernel [L, D, H, Dh] is split: D over fsdp, heads over tensor.
+    q_spec = shardings["decoder"]["layers"]["attn"]["q_proj"]["kernel"].spec
+    assert tuple(q_spec) == (None, "fsdp", "tensor", None)
+    sharded = decoding.generate(model, params, batch, options, mesh=mesh)
+    assert sharded["frames"].sharding.num_devices == 8
+    sharded = jax.device_get(sharded)
+    np.testing.assert_array_equal(sharded["text_tokens"], single["text_tokens"])
+    np.testing.assert_array_equal(sharded["frame_lengths"], single["frame_lengths"])
+    np.testing.assert_allclose(sharded["frames"], single["frames"], atol=1e-4)

@@ -20,6 +20,7 @@ permutation because `apply_rope` uses HF's rotate-half layout.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -33,6 +34,7 @@ import numpy as np
 from flax import traverse_util
 
 from spectron_jax.convert import safetensors_io
+from spectron_jax.nn import stack
 from spectron_jax.nn.decoder import Decoder, DecoderConfig
 
 SUPPORTED_MODEL_TYPES = ("gemma3_text", "gemma3", "llama", "qwen2")
@@ -302,7 +304,11 @@ def _heads_out(n: int, dh: int) -> _Transform:
 def weight_map(
     config: DecoderConfig, prefix: str = "model."
 ) -> dict[str, tuple[tuple, _Transform]]:
-    """HF tensor name -> (path in our param tree, (import, export) transforms)."""
+    """HF tensor name -> (path in our unrolled param tree, (import, export) transforms).
+
+    The paths name blocks `layers_{i}`; a scanned config's tree is that one stacked
+    (`stack.stack_layers`), which `params_from_hf` / `params_to_hf` do at the boundary.
+    """
     c = config
     out: dict[str, tuple[tuple, _Transform]] = {
         f"{prefix}embed_tokens.weight": (("embedder", "embedding"), _identity()),
@@ -373,7 +379,8 @@ def detect_prefix(names: list[str] | set[str]) -> str:
 
 
 def expected_shapes(config: DecoderConfig) -> dict[tuple, tuple[int, ...]]:
-    """Param path -> shape of `Decoder(config)`, traced abstractly (no memory, no compute)."""
+    """Param path -> shape of the unrolled `Decoder(config)`, traced abstractly (no memory)."""
+    config = dataclasses.replace(config, scan_layers=False)
     tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
     shapes = jax.eval_shape(
         lambda t: Decoder(config).init(jax.random.PRNGKey(0), t, method=Decoder.forward_tokens),
@@ -431,11 +438,14 @@ def params_from_hf(
         for key in path[:-1]:
             node = node.setdefault(key, {})
         node[path[-1]] = value
-    return params
+    return stack.stack_layers(params, config.num_layers) if config.scan_layers else params
 
 
 def params_to_hf(params: Params, config: DecoderConfig, prefix: str = "model.") -> dict:
-    """Our param tree (numpy or jax arrays, boxed or not) -> HF tensor dict (numpy)."""
+    """Our param tree (numpy or jax arrays, boxed or not; scanned or not) -> HF tensors (numpy)."""
+    params = nn.unbox(params)
+    if config.scan_layers:
+        params = stack.unstack_layers(params, config.num_layers)
     out = {}
     for name, (path, (_, to_hf)) in weight_map(config, prefix).items():
         node = params

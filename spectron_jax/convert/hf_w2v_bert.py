@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spectron_jax.convert import safetensors_io
-from spectron_jax.nn import conformer
+from spectron_jax.nn import conformer, stack
 
 _PREFIX = "wav2vec2_bert."
 # Tensors of a Wav2Vec2BertModel that the encoder does not use (SpecAugment is done elsewhere).
@@ -187,6 +187,8 @@ def params_from_hf(tensors: dict[str, np.ndarray], config: conformer.ConformerCo
             f"{len(unused)} encoder tensors were not used (config and checkpoint disagree?): "
             f"{unused[:8]}"
         )
+    if config.scan_layers:
+        params = stack.stack_layers(params, config.num_layers)
     _check_shapes(params, config)
     return params
 
@@ -284,6 +286,8 @@ def params_to_hf(params: dict, config: conformer.ConformerConfig) -> dict[str, n
     """
     params = jax.tree_util.tree_map(np.asarray, nn.unbox(params))
     _check_shapes(params, config)
+    if config.scan_layers:
+        params = stack.unstack_layers(params, config.num_layers)
     out: dict[str, np.ndarray] = {}
 
     def norm(prefix, p):

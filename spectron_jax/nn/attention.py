@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from spectron_jax.nn.layers import DenseGeneral, RMSNorm
+from spectron_jax.nn.stack import tag
 
 Dtype = Any
 
@@ -141,6 +142,13 @@ def dot_product_attention(
     return out.reshape(b, t, h, dh)
 
 
+def _where(flag: bool | jax.Array, if_true: Any, if_false: Any) -> Any:
+    """`if_true if flag else if_false` for a Python flag, `jnp.where` for a traced one."""
+    if isinstance(flag, bool):
+        return if_true if flag else if_false
+    return jnp.where(flag, if_true, if_false)
+
+
 class Attention(nn.Module):
     """Multi-head attention with GQA, optional QK-norm, RoPE, sliding window and a KV cache.
 
@@ -154,9 +162,10 @@ class Attention(nn.Module):
       num_heads: H.
       num_kv_heads: K.
       head_dim: Dh.
-      rope_theta: RoPE base for this layer.
+      rope_theta: RoPE base (of global calls).
+      local_rope_theta: RoPE base of local calls; None: rope_theta.
       scale: score multiplier (Dh**-0.5 or query_pre_attn_scalar**-0.5).
-      sliding_window: None for a global layer, else the window (exclusive) in positions.
+      sliding_window: the window (exclusive, in positions) of local calls; None: never local.
       qk_norm: RMSNorm over Dh on queries and keys before RoPE (Gemma 3).
       norm_variant, norm_eps: of the QK-norm.
       qkv_bias: biases on q/k/v (Qwen2, Llama attention_bias).
@@ -171,6 +180,7 @@ class Attention(nn.Module):
     head_dim: int
     rope_theta: float
     scale: float
+    local_rope_theta: float | None = None
     sliding_window: int | None = None
     qk_norm: bool = False
     norm_variant: str = "llama"
@@ -201,8 +211,17 @@ class Attention(nn.Module):
         *,
         decode: bool = False,
         deterministic: bool = True,
+        local: bool | jax.Array | None = None,
     ) -> jax.Array:
-        """float[B, T, D], int32[B, T], bool[B, 1, T, S] -> float[B, T, D]."""
+        """float[B, T, D], int32[B, T], bool[B, 1, T, S] -> float[B, T, D].
+
+        `local`: attend through the sliding window with the local RoPE base; a Python bool, or a
+        traced bool[] (a scanned stack of mixed layers); None: local iff `sliding_window` is set.
+        """
+        if local is None:
+            local = self.sliding_window is not None
+        if self.sliding_window is None:
+            local = False
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} not a multiple of {self.num_kv_heads}")
         b, t, d_model = x.shape
@@ -213,8 +232,10 @@ class Attention(nn.Module):
             norm = dict(variant=self.norm_variant, eps=self.norm_eps, param_dtype=self.param_dtype)
             q = RMSNorm(**norm, name="q_norm")(q)
             k = RMSNorm(**norm, name="k_norm")(k)
-        q = apply_rope(q, positions, self.rope_theta)
-        k = apply_rope(k, positions, self.rope_theta)
+        theta = _where(local, self.local_rope_theta or self.rope_theta, self.rope_theta)
+        q = tag(apply_rope(q, positions, theta), "query_proj")
+        k = tag(apply_rope(k, positions, theta), "key_proj")
+        v = tag(v, "value_proj")
         q = nn.with_logical_constraint(
             q, ("activation_batch", "activation_length", "activation_heads", None)
         )
@@ -232,14 +253,15 @@ class Attention(nn.Module):
             )
         if written is not None:
             mask = mask & written[None, None, None, :]
-        if self.sliding_window is not None:
-            mask = mask & sliding_window_mask(positions, k_positions, self.sliding_window)
+        if local is not False:
+            window = sliding_window_mask(positions, k_positions, self.sliding_window)
+            mask = mask & _where(local, window, True)
 
         out = dot_product_attention(
             q, k, v, mask, scale=self.scale, logit_softcap=self.logit_softcap
         )
         out = nn.Dropout(self.dropout_rate)(out, deterministic=deterministic)
-        return DenseGeneral(
+        out = DenseGeneral(
             features=d_model,
             kernel_axes=("heads", "head_dim", "embed"),
             axis=(-2, -1),
@@ -248,6 +270,7 @@ class Attention(nn.Module):
             param_dtype=self.param_dtype,
             name="o_proj",
         )(out)
+        return tag(out, "attention_out")
 
     def _update_cache(
         self, k: jax.Array, v: jax.Array, positions: jax.Array
@@ -274,5 +297,9 @@ class Attention(nn.Module):
             cached_pos.value, positions.astype(jnp.int32), (0, i)
         )
         index.value = i + k.shape[1]
+        # Sharded decoding keeps the cache where the keys are: batch and kv heads split.
+        axes = ("activation_batch", "activation_length", "activation_kv_heads", None)
+        cached_k.value = nn.with_logical_constraint(cached_k.value, axes)
+        cached_v.value = nn.with_logical_constraint(cached_v.value, axes)
         written = jnp.arange(cached_k.value.shape[1]) < index.value
         return cached_k.value, cached_v.value, cached_pos.value, written

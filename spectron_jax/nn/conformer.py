@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spectron_jax.nn import stack
 from spectron_jax.nn.layers import DenseGeneral, ceil_div
 
 STEMS = ("projection", "subsampling")
@@ -73,9 +74,11 @@ class ConformerConfig:
     conv_dropout: float = 0.0
     dtype: str = "float32"  # Compute dtype (e.g. "bfloat16").
     param_dtype: str = "float32"
-    remat: bool = False  # Rematerialise each block in the backward pass.
+    remat: str = "none"  # What backward keeps of each block: one of stack.REMAT_POLICIES.
+    scan_layers: bool = True  # Blocks under nn.scan (`layers/...`, [L] axis); False: layers_{i}.
 
     def __post_init__(self):
+        object.__setattr__(self, "remat", stack.canonical_remat(self.remat))
         problems = []
         if self.stem not in STEMS:
             problems.append(f"stem={self.stem!r} not in {STEMS}")
@@ -179,6 +182,7 @@ class _SelfAttention(nn.Module):
         q, k, v = project("query")(x), project("key")(x), project("value")(x)  # [B,T,H,hd]
         if cfg.position == "rotary":
             q, k = _rotary(q, cfg.rope_base), _rotary(k, cfg.rope_base)
+        q, k, v = stack.tag(q, "query_proj"), stack.tag(k, "key_proj"), stack.tag(v, "value_proj")
         scale = head_dim**-0.5
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
         if cfg.position == "relative_key":
@@ -203,9 +207,10 @@ class _SelfAttention(nn.Module):
         weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         weights = nn.Dropout(cfg.attention_dropout)(weights, deterministic=deterministic)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-        return _dense(
+        out = _dense(
             cfg, cfg.hidden_dim, ("heads", "head_dim"), ("embed",), axis=(-2, -1), name="out"
         )(out)
+        return stack.tag(out, "attention_out")
 
 
 class _ConvModule(nn.Module):
@@ -247,7 +252,10 @@ class _ConvModule(nn.Module):
 
 
 class ConformerBlock(nn.Module):
-    """One macaron Conformer block. x: float[B, T, D], mask: int32[B, T] -> float[B, T, D]."""
+    """One macaron Conformer block: x float[B, T, D], mask int32[B, T] -> (float[B, T, D], None).
+
+    The (carry, None) pair is what `nn.scan` wants of its body.
+    """
 
     config: ConformerConfig
 
@@ -262,9 +270,10 @@ class ConformerBlock(nn.Module):
         x = x + _ConvModule(cfg, name="conv")(x, mask, deterministic)
         x = x + 0.5 * _FeedForward(cfg, name="ffn2")(_norm(cfg, "ffn2_norm")(x), deterministic)
         x = _norm(cfg, "final_norm")(x)
-        return nn.with_logical_constraint(
+        x = nn.with_logical_constraint(
             x, ("activation_batch", "activation_length", "activation_embed")
         )
+        return x, None
 
 
 def _halve_mask(mask):
@@ -337,9 +346,14 @@ class ConformerEncoder(nn.Module):
         x = nn.Dropout(cfg.feat_proj_dropout)(x, deterministic=deterministic)
         x = x * mask[..., None].astype(x.dtype)
         x = nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
-        block = nn.remat(ConformerBlock, static_argnums=(3,)) if cfg.remat else ConformerBlock
-        for i in range(cfg.num_layers):
-            x = block(cfg, name=f"layers_{i}")(x, mask, deterministic)
+        # Call arguments (0 is the module): x, mask, deterministic (a Python bool).
+        block = stack.rematted(ConformerBlock, cfg.remat, (3,), scanned=cfg.scan_layers)
+        if cfg.scan_layers:
+            layers = stack.scanned(block, cfg.num_layers, (nn.broadcast, nn.broadcast))
+            x, _ = layers(cfg, name=stack.LAYER_AXIS)(x, mask, deterministic)
+        else:
+            for i in range(cfg.num_layers):
+                x, _ = block(cfg, name=stack.unrolled_name(i))(x, mask, deterministic)
         return x * mask[..., None].astype(x.dtype), mask
 
 

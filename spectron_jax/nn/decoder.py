@@ -14,10 +14,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from spectron_jax.nn import stack
 from spectron_jax.nn.attention import Attention, causal_mask, positions_from_valid
 from spectron_jax.nn.layers import ACTIVATIONS, NORM_VARIANTS, Embed, GatedMLP, RMSNorm
 
-REMAT_POLICIES = ("none", "full", "dots")
 ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
 
 
@@ -54,7 +54,10 @@ class DecoderConfig:
       dropout_rate: dropout on attention and MLP outputs during training.
       dtype: compute dtype name ("float32", "bfloat16").
       param_dtype: parameter dtype name.
-      remat: "none", "full" (recompute each block) or "dots" (save matmul outputs).
+      remat: what the backward pass keeps of each block, one of `stack.REMAT_POLICIES`
+        ("none", "full", "minimal", "save_attention_proj", "offload"; older "dots" = "minimal").
+      scan_layers: run the blocks under `nn.scan` (parameters under `layers` with a leading layer
+        axis; compile time independent of depth); False unrolls them (`layers_0`, ...).
       max_position_embeddings: longest sequence the positions were trained for (HF's key of the
         same name); not enforced here, carried so that an HF export states it. None: unknown.
     """
@@ -88,14 +91,14 @@ class DecoderConfig:
     param_dtype: str = "float32"
     remat: str = "none"
     max_position_embeddings: int | None = None
+    scan_layers: bool = True
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation {self.activation!r} not in {sorted(ACTIVATIONS)}")
         if self.norm_variant not in NORM_VARIANTS:
             raise ValueError(f"norm_variant {self.norm_variant!r} not in {NORM_VARIANTS}")
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat {self.remat!r} not in {REMAT_POLICIES}")
+        object.__setattr__(self, "remat", stack.canonical_remat(self.remat))
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
@@ -112,6 +115,11 @@ class DecoderConfig:
         if self.sliding_window_pattern <= 0:
             return True
         return (layer + 1) % self.sliding_window_pattern != 0
+
+    @property
+    def local_layers(self) -> tuple[bool, ...]:
+        """`is_local_layer` of every block, in order."""
+        return tuple(self.is_local_layer(i) for i in range(self.num_layers))
 
     @property
     def attention_scale(self) -> float:
@@ -132,35 +140,42 @@ def num_params(config: DecoderConfig) -> int:
 
 
 class DecoderBlock(nn.Module):
-    """Pre-norm block: attention then gated MLP, each with an optional post-norm (sandwich)."""
+    """Pre-norm block: attention then gated MLP, each with an optional post-norm (sandwich).
+
+    `local` says whether the block attends through the sliding window (with the local RoPE
+    base): a Python bool where every layer of the stack is alike or the layers are unrolled, a
+    traced bool[] where a scanned stack mixes local and global layers (Gemma 3).
+    """
 
     config: DecoderConfig
-    layer: int
 
     @nn.compact
     def __call__(
         self,
         x: jax.Array,
+        local: bool | jax.Array,
         positions: jax.Array,
         mask: jax.Array,
         decode: bool = False,
         deterministic: bool = True,
-    ) -> jax.Array:
-        """float[B, T, D], int32[B, T], bool[B, 1, T, S] -> float[B, T, D]."""
+    ) -> tuple[jax.Array, None]:
+        """float[B, T, D], bool, int32[B, T], bool[B, 1, T, S] -> (float[B, T, D], None).
+
+        The (carry, None) pair is what `nn.scan` wants of its body.
+        """
         c = self.config
         dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         norm = dict(variant=c.norm_variant, eps=c.norm_eps, dtype=dtype, param_dtype=pdtype)
-        local = c.is_local_layer(self.layer)
-        theta = c.rope_local_theta if (local and c.rope_local_theta) else c.rope_theta
 
         h = RMSNorm(**norm, name="pre_attention_norm")(x)
         h = Attention(
             num_heads=c.num_heads,
             num_kv_heads=c.num_kv_heads,
             head_dim=c.head_dim,
-            rope_theta=theta,
+            rope_theta=c.rope_theta,
+            local_rope_theta=c.rope_local_theta,
             scale=c.attention_scale,
-            sliding_window=c.sliding_window if local else None,
+            sliding_window=c.sliding_window,
             qk_norm=c.qk_norm,
             norm_variant=c.norm_variant,
             norm_eps=c.norm_eps,
@@ -171,7 +186,7 @@ class DecoderBlock(nn.Module):
             dtype=dtype,
             param_dtype=pdtype,
             name="attn",
-        )(h, positions, mask, decode=decode, deterministic=deterministic)
+        )(h, positions, mask, decode=decode, deterministic=deterministic, local=local)
         if c.post_norms:
             h = RMSNorm(**norm, name="post_attention_norm")(h)
         x = x + h
@@ -189,22 +204,25 @@ class DecoderBlock(nn.Module):
         if c.post_norms:
             h = RMSNorm(**norm, name="post_mlp_norm")(h)
         x = x + h
-        return nn.with_logical_constraint(x, ACTIVATION_AXES)
+        return nn.with_logical_constraint(x, ACTIVATION_AXES), None
 
 
-def _block_class(remat: str) -> type[nn.Module]:
-    if remat == "none":
-        return DecoderBlock
-    policy = None if remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-    # decode and deterministic are Python bools; argument 0 is the module itself.
-    return nn.remat(DecoderBlock, policy=policy, static_argnums=(4, 5))
+# Call arguments of DecoderBlock that are Python values (0 is the module): decode, deterministic.
+_STATIC_ARGS = (5, 6)
+_LOCAL_ARG = 2
+
+
+def _mixed_locality(config: DecoderConfig) -> bool:
+    """Whether the stack mixes sliding-window and global layers (then a scan feeds flags)."""
+    return len(set(config.local_layers)) > 1
 
 
 class Decoder(nn.Module):
     """Decoder LM over embeddings (docs/CONTRACTS.md section 4).
 
-    Parameters: `embedder/embedding` [V, D], `layers_{i}/...`, `final_norm/scale` [D] and, when not
-    tied, `lm_head/kernel` [D, V].
+    Parameters: `embedder/embedding` [V, D], the blocks (scanned: `layers/...` with a leading
+    [L] axis; unrolled: `layers_{i}/...`), `final_norm/scale` [D] and, when not tied,
+    `lm_head/kernel` [D, V].
     """
 
     config: DecoderConfig
@@ -213,8 +231,18 @@ class Decoder(nn.Module):
         c = self.config
         dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         self.embedder = Embed(c.vocab_size, c.d_model, dtype=dtype, param_dtype=pdtype)
-        block = _block_class(c.remat)
-        self.layers = [block(c, layer=i) for i in range(c.num_layers)]
+        if c.scan_layers:
+            mixed = _mixed_locality(c)
+            static = _STATIC_ARGS if mixed else (_LOCAL_ARG, *_STATIC_ARGS)
+            block = stack.rematted(DecoderBlock, c.remat, static, scanned=True)
+            local_axis = 0 if mixed else nn.broadcast
+            in_axes = (local_axis, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast)
+            # Assigned to `self.layers`: the scope names are `layers` here, `layers_{i}` below.
+            self.layers = stack.scanned(block, c.num_layers, in_axes)(c)
+        else:
+            static = (_LOCAL_ARG, *_STATIC_ARGS)
+            block = stack.rematted(DecoderBlock, c.remat, static, scanned=False)
+            self.layers = [block(c) for _ in range(c.num_layers)]
         self.final_norm = RMSNorm(
             variant=c.norm_variant, eps=c.norm_eps, dtype=dtype, param_dtype=pdtype
         )
@@ -259,8 +287,13 @@ class Decoder(nn.Module):
           dtype[B, T, D] hidden states after the final norm.
         """
         x = nn.with_logical_constraint(x.astype(jnp.dtype(self.config.dtype)), ACTIVATION_AXES)
-        for block in self.layers:
-            x = block(x, positions, attention_mask, decode, deterministic)
+        c = self.config
+        if c.scan_layers:
+            local = jnp.asarray(c.local_layers) if _mixed_locality(c) else c.local_layers[0]
+            x, _ = self.layers(x, local, positions, attention_mask, decode, deterministic)
+        else:
+            for block, local in zip(self.layers, c.local_layers, strict=True):
+                x, _ = block(x, local, positions, attention_mask, decode, deterministic)
         return self.final_norm(x)
 
     def logits(self, hidden: jax.Array) -> jax.Array:

@@ -41,6 +41,7 @@ from spectron_jax import vocabularies
 from spectron_jax.audio.spectrogram import SpectrogramConfig
 from spectron_jax.config import FRONT_ENDS, W2V_BERT_FBANK_DIM, dtype_overrides
 from spectron_jax.interfaces import Vocabulary
+from spectron_jax.nn import stack
 from spectron_jax.nn.conformer import ConformerConfig, ConformerEncoder
 from spectron_jax.nn.layers import default_kernel_init
 from spectron_jax.nn.spec_augment import SpecAugmentConfig, spec_augment
@@ -126,7 +127,7 @@ class CtcEncoderConfig:
             ("spec_augment", SpecAugmentConfig),
         ):
             if isinstance(d.get(name), Mapping):
-                d[name] = sub(**d[name])
+                d[name] = sub(**(stack.saved_layout(d[name]) if name == "encoder" else d[name]))
         return cls(**d)
 
 

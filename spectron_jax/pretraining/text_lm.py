@@ -42,6 +42,7 @@ import numpy as np
 
 from spectron_jax import losses, vocabularies
 from spectron_jax.interfaces import Vocabulary
+from spectron_jax.nn import stack
 from spectron_jax.nn.attention import causal_mask, positions_from_valid
 from spectron_jax.nn.decoder import Decoder, DecoderConfig
 
@@ -79,7 +80,7 @@ class TextLmConfig:
     def from_dict(cls, d: Mapping[str, Any]) -> TextLmConfig:
         d = dict(d)
         if isinstance(d.get("decoder"), Mapping):
-            d["decoder"] = DecoderConfig(**d["decoder"])
+            d["decoder"] = DecoderConfig(**stack.saved_layout(d["decoder"]))
         return cls(**d)
 
 

@@ -270,8 +270,8 @@ def _with_successors(config, params, successor):
     head = np.zeros((d, v), np.float32)
     head[np.arange(v), successor] = 1.0
     params["lm_head"]["kernel"] = head
-    for i in range(config.num_layers):
-        layer = params[f"layers_{i}"]
+    scanned = [params["layers"]] if config.scan_layers else []  # one [L, ...] stack
+    for layer in scanned or [params[f"layers_{i}"] for i in range(config.num_layers)]:
         layer["attn"]["o_proj"]["kernel"][:] = 0.0
         layer["mlp"]["down"]["kernel"][:] = 0.0
     return params

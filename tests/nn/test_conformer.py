@@ -141,8 +141,8 @@ def test_shards_on_a_mesh_with_the_contract_rules():
     with mesh, nn.logical_axis_rules(rules):
         hidden, _ = jax.jit(model.apply)(variables, features, mask)
     reference, _ = jax.jit(model.apply)(_params(TINY), features, mask)
-    kernel = variables["params"]["layers_0"]["ffn1"]["wi"]["kernel"]
-    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    kernel = variables["params"]["layers"]["ffn1"]["wi"]["kernel"]  # [L, D, mlp], scanned
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     np.testing.assert_allclose(hidden, reference, atol=1e-5)
 
 
@@ -156,7 +156,7 @@ def test_dropout_only_when_not_deterministic():
         conv_dropout=0.3,
         activation_dropout=0.3,
         feat_proj_dropout=0.3,
-        remat=True,
+        remat="full",
     )
     model, variables = ConformerEncoder(config), _params(config)
     features = np.random.default_rng(3).normal(size=(2, 10, config.input_dim))

@@ -107,7 +107,8 @@ def test_cached_decoding_equals_one_pass(config):
         out, cache = step(cache, x[:, start:stop], positions[:, start:stop], mask[:, :, start:stop])
         pieces.append(out)
     cached = jnp.concatenate(pieces, axis=1)
-    assert int(jax.tree.leaves(cache["layers_0"]["attn"]["cache_index"])[0]) == 10
+    # Scanned: every cache leaf has the layer axis in front, one index per layer.
+    assert np.asarray(cache["layers"]["attn"]["cache_index"]).tolist() == [10] * config.num_layers
     np.testing.assert_allclose(
         np.asarray(cached)[np.asarray(valid)], np.asarray(full)[np.asarray(valid)], atol=1e-5
     )
@@ -132,8 +133,10 @@ def test_padding_slots_are_invisible():
     np.testing.assert_allclose(padded, packed, atol=1e-5)
 
 
-def test_remat_policies_give_same_values_and_gradients():
-    config = dataclasses.replace(GEMMA_LIKE, num_layers=1)  # remat wraps each block alike
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unrolled"])
+def test_remat_policies_give_same_values_and_gradients(scan_layers):
+    # Two layers: one local, one global (a scanned stack feeds the flag per layer).
+    config = dataclasses.replace(GEMMA_LIKE, scan_layers=scan_layers)
     x, valid, prefix = _batch(config)
     pos = attention.positions_from_valid(valid)
     mask = attention.prefix_lm_mask(valid, prefix)
@@ -148,7 +151,7 @@ def test_remat_policies_give_same_values_and_gradients():
         return jax.jit(jax.value_and_grad(loss))(params)
 
     ref_loss, ref_grad = loss_and_grad("none")
-    for remat in ("full", "dots"):
+    for remat in ("full", "minimal", "save_attention_proj", "offload"):
         got_loss, got_grad = loss_and_grad(remat)
         np.testing.assert_allclose(got_loss, ref_loss, rtol=1e-6)
         for a, b in zip(jax.tree.leaves(got_grad), jax.tree.leaves(ref_grad), strict=True):
@@ -214,6 +217,8 @@ def test_config_validation():
         dataclasses.replace(LLAMA_LIKE, activation="relu")
     with pytest.raises(ValueError, match="remat"):
         dataclasses.replace(LLAMA_LIKE, remat="some")
+    # Older checkpoints' configs spell "minimal" as "dots".
+    assert dataclasses.replace(LLAMA_LIKE, remat="dots").remat == "minimal"
     assert [GEMMA_LIKE.is_local_layer(i) for i in range(4)] == [True, False] * 2
     gemma3 = dataclasses.replace(GEMMA_LIKE, num_layers=12, sliding_window_pattern=6)
     assert [gemma3.is_local_layer(i) for i in range(12)] == ([True] * 5 + [False]) * 2

@@ -250,3 +250,60 @@ def test_evaluate_checkpoint_scores_the_newest_step_and_writes_json(tmp_path):
             model_dir=str(tmp_path / "empty"),
             mesh=_mesh(),
         )
+
+
+def _layer_trees(mesh):
+    """The same 2-layer params, unrolled (`layers_{i}`) and scanned (`layers`, [2, ...])."""
+    sharding = partitioning.replicated(mesh)
+    rng = np.random.default_rng(0)
+    unrolled = {
+        "dec": {
+            "emb": rng.normal(size=(3, 2)).astype(np.float32),
+            **{f"layers_{i}": {"w": rng.normal(size=(2, 4)).astype(np.float32)} for i in (0, 1)},
+        }
+    }
+    scanned = {
+        "dec": {
+            "emb": unrolled["dec"]["emb"],
+            "layers": {
+                "w": np.stack([unrolled["dec"]["layers_0"]["w"], unrolled["dec"]["layers_1"]["w"]])
+            },
+        }
+    }
+    put = lambda tree: jax.tree.map(lambda x: jax.device_put(x, sharding), tree)  # noqa: E731
+    return put(unrolled), put(scanned)
+
+
+@pytest.mark.parametrize("stored", ["unrolled", "scanned"])
+def test_init_converts_layers_stored_in_the_other_layout(tmp_path, stored):
+    mesh = partitioning.create_mesh(devices=jax.devices()[:1])
+    unrolled, scanned = _layer_trees(mesh)
+    source, target = (unrolled, scanned) if stored == "unrolled" else (scanned, unrolled)
+    writer = ocp.StandardCheckpointer()
+    writer.save(tmp_path / "old", {"params": source})
+    writer.wait_until_finished()
+    fresh = jax.tree.map(jnp.zeros_like, target)
+    shardings = jax.tree.map(lambda x: x.sharding, fresh)
+    got = checkpoints.load_subtrees(fresh, tmp_path / "old", {"dec": "params/dec"}, shardings)
+    assert jax.tree.structure(got) == jax.tree.structure(target)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(target), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert a.sharding == b.sharding
+
+
+def test_resume_in_the_other_layout_is_an_error_not_a_fallback(tmp_path):
+    mesh = partitioning.create_mesh(devices=jax.devices()[:1])
+    unrolled, scanned = _layer_trees(mesh)
+    ckpt = checkpoints.Checkpointer(
+        tmp_path, checkpoints.CheckpointConfig(every_steps=1, keep_last=3, async_save=False)
+    )
+    ckpt.save(1, {"params": unrolled}, {"batches_consumed": 1}, {"d": 1})
+    ckpt.close()
+    ckpt = checkpoints.Checkpointer(tmp_path)
+    with pytest.raises(checkpoints.LayerLayoutError, match="/dec: scanned here, unrolled"):
+        ckpt.restore_latest(_abstract({"params": scanned}))
+    restored = ckpt.restore_latest(_abstract({"params": unrolled}))
+    np.testing.assert_array_equal(
+        np.asarray(restored.state["params"]["dec"]["layers_1"]["w"]),
+        np.asarray(unrolled["dec"]["layers_1"]["w"]),
+    )
