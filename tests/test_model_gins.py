@@ -56,3 +56,10 @@ def test_paper_scale_files_freeze_the_encoder_and_tiny_trains_it():
         config = config_lib.config_from_gin_file(str(path), (str(GIN_DIR),))
         gin.clear_config()
         assert config.encoder_frozen == (path.stem != "tiny"), path.stem
+
+
+def test_tiny_ends_speech_by_itself():
+    """The embedded default's model has the end-of-speech head, its positive weighted 20."""
+    config = config_lib.config_from_gin_file(str(GIN_DIR / "models" / "tiny.gin"), (str(GIN_DIR),))
+    gin.clear_config()
+    assert config.stop_head and config.loss.stop_pos_weight == 20.0
