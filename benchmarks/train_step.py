@@ -15,7 +15,7 @@ Configs (`--configs`, comma-separated; default all):
   tiny_text, small_text  their decoders alone, text-only over the same number of LM positions.
 
 For each config it prints the median step time of `--steps` steps after one warm-up step, text
-tokens/s and target frames/s, the model FLOPs of `flops.py`, XLA's compiled FLOPs
+tokens/s and target frames/s, the model FLOPs of `spectron_jax/flops.py`, XLA's compiled FLOPs
 (`jit(...).lower(...).compile().cost_analysis()`) and their ratio, and MFU against the peak of a
 2048 x 2048 f32 matmul measured at the start of the same run; then the ratios of the speed
 targets. `--seq` sets the LM positions (layouts scale with it), `--batch` the batch size.
@@ -41,9 +41,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import flops as flops_lib  # noqa: E402
-
 from spectron_jax import config as config_lib  # noqa: E402
+from spectron_jax import flops as flops_lib  # noqa: E402
 from spectron_jax import losses, models, partitioning, trainer  # noqa: E402
 from spectron_jax.nn.conformer import ConformerConfig  # noqa: E402
 from spectron_jax.nn.decoder import Decoder, DecoderConfig  # noqa: E402
@@ -114,7 +113,7 @@ class Bench:
       step: (state) -> state, one train step on a fixed batch (the state is donated).
       state: initial state.
       compiled_flops: XLA cost-analysis FLOPs of the step.
-      model: model FLOPs (flops.py).
+      model: model FLOPs (spectron_jax/flops.py).
       batch: B.
       positions: LM positions per example.
       text_tokens: text tokens per example (text slots with a loss).

@@ -168,7 +168,8 @@ class Trainer:
     Attributes:
       model: the model (BaseModel shape).
       mesh: device mesh.
-      state_shardings: `TrainState` of `NamedSharding`s (set by `init_state`).
+      param_specs: logical `PartitionSpec` of every parameter (set by `setup`).
+      state_shardings: `TrainState` of `NamedSharding`s (set by `setup`).
       abstract_state: `TrainState` of `jax.ShapeDtypeStruct`s with shardings.
     """
 
@@ -196,6 +197,7 @@ class Trainer:
         self.grad_accum_steps = grad_accum_steps
         self.rules = rules
         self.schedule = make_schedule(self.config)
+        self.param_specs: PyTree = None
         self.state_shardings: TrainState | None = None
         self.abstract_state: TrainState | None = None
         self._train_step = None
@@ -231,6 +233,7 @@ class Trainer:
                 lambda r: self.model.get_initial_variables(r, input_shapes, input_types), rng
             )["params"]
         param_specs = partitioning.logical_specs(boxed)
+        self.param_specs = param_specs
         abstract_params = nn.unbox(boxed)
         self.trainable = trainable_mask(self.model, abstract_params)
         self.tx = make_optimizer(self.config, self.trainable)

@@ -29,6 +29,7 @@ FLOORS = {
     "spectron_jax.feature_converter": 1,
     "spectron_jax.convert": 1,
     "spectron_jax.decoding": 2,
+    "spectron_jax.flops": 2,
     "spectron_jax.trainer": 2,
     "spectron_jax.summaries": 2,
     "spectron_jax.models": 3,
@@ -46,6 +47,7 @@ FLOORS = {
     "spectron_tasks.counting_evaluation": 7,
     "spectron_jax.t5x_adapter": 7,
     "spectron_jax.train": 8,
+    "spectron_jax.aot": 9,
     "spectron_jax.cli": 9,
 }
 PACKAGES = {"spectron_jax": REPO / "spectron_jax", "spectron_tasks": REPO / "tasks"}

@@ -1,4 +1,4 @@
-"""The model-FLOPs formula (benchmarks/flops.py) and the train-step benchmark's plumbing.
+"""The model-FLOPs formula (spectron_jax/flops.py) and the train-step benchmark's plumbing.
 
 The formula is checked against the reference shape's published figure and against XLA's own
 count (cost analysis of the compiled gradient), which counts every dot and convolution it runs.
@@ -16,11 +16,13 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
-import flops  # noqa: E402
 import train_step  # noqa: E402
 
 from spectron_jax import config as config_lib  # noqa: E402
-from spectron_jax import models  # noqa: E402
+from spectron_jax import (
+    flops,  # noqa: E402
+    models,  # noqa: E402
+)
 from spectron_jax.nn.conformer import ConformerConfig  # noqa: E402
 from spectron_jax.nn.decoder import Decoder, DecoderConfig  # noqa: E402
 

@@ -1,0 +1,96 @@
+"""The TPU ahead-of-time tool: HLO collective accounting on known text, the memory sum, and a real
+compile of the tiny experiment for a v5e slice where libtpu is installed (the `tpu` extra)."""
+
+# ruff: noqa: E501 (HLO lines cannot be wrapped)
+from __future__ import annotations
+
+import importlib.util
+import json
+import types
+
+import pytest
+
+from spectron_jax import aot
+
+# A loop of 3 trips whose body all-reduces f32[256] (1 KiB) over groups of 4 chips, an async
+# all-gather to bf16[8,128] (2 KiB) over 2 chips in the entry, and a plain add (no collective).
+HLO = """HloModule test
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+%body (p: (s32[], f32[256])) -> (s32[], f32[256]) {
+  %p = (s32[], f32[256]) parameter(0)
+  %x = f32[256]{0:T(256)} get-tuple-element(%p), index=1
+  %all-reduce.1 = f32[256]{0:T(256)} all-reduce(%x), replica_groups={{0,1,2,3},{4,5,6,7}}, to_apply=%add
+  ROOT %t = (s32[], f32[256]) tuple(%i, %all-reduce.1)
+}
+
+%cond (p: (s32[], f32[256])) -> pred[] {
+  %p = (s32[], f32[256]) parameter(0)
+  %constant.9 = s32[]{:T(128)} constant(3)
+  ROOT %lt = pred[] compare(%i, %constant.9), direction=LT
+}
+
+ENTRY %main (x: f32[256], y: bf16[4,128]) -> f32[256] {
+  %x = f32[256] parameter(0)
+  %y = bf16[4,128] parameter(1)
+  %w = (s32[], f32[256]) while(%init), condition=%cond, body=%body
+  %ag = (bf16[4,128], bf16[8,128]{1,0}) all-gather-start(%y), replica_groups=[4,2]<=[8], dimensions={0}
+  %agd = bf16[8,128] all-gather-done(%ag)
+  ROOT %r = f32[256] add(%x, %x)
+}
+"""
+
+
+def test_collectives_count_loop_trips_group_sizes_and_async_pairs_once():
+    got = aot.collective_bytes(HLO)
+    # 3 trips x 1024 bytes x 2 (4 - 1) / 4 sent per byte of an all-reduce over 4 chips.
+    assert got["all-reduce"] == pytest.approx(3 * 1024 * 1.5)
+    # The -start's tuple holds the operand (1 KiB) and the result (2 KiB): (2 - 1) / 2 of 2 KiB.
+    assert got["all-gather"] == pytest.approx(2048 * 0.5)
+    assert got["reduce-scatter"] == got["all-to-all"] == got["collective-permute"] == 0.0
+
+
+def test_group_size_formats():
+    assert aot._group_size("x, replica_groups={{0,1,2},{3,4,5}}, y") == 3
+    assert aot._group_size("x, replica_groups=[2,4]<=[8], y") == 4
+    mesh = "replica_groups=mesh['axis_0'=2,'axis_1'=4,'axis_2'=1] {'axis_1','axis_2'}, to"
+    assert aot._group_size(mesh) == 4
+
+
+def test_memory_total_counts_aliased_buffers_once():
+    stats = types.SimpleNamespace(
+        argument_size_in_bytes=100,
+        output_size_in_bytes=60,
+        alias_size_in_bytes=50,
+        temp_size_in_bytes=30,
+        generated_code_size_in_bytes=5,
+    )
+    compiled = types.SimpleNamespace(memory_analysis=lambda: stats)
+    assert aot.memory(compiled)["total"] == 100 + 60 - 50 + 30 + 5
+
+
+def test_unknown_generation_is_an_error_naming_the_known_ones():
+    with pytest.raises(ValueError, match=r"v9x:2x2.*'v4', 'v5e', 'v5p', 'v6e'"):
+        aot.chip_of("v9x:2x2")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs the tpu extra")
+def test_tiny_experiment_compiles_for_a_v5e_slice_and_fits(capsys, tmp_path):
+    out = tmp_path / "aot.json"
+    code = aot.main(["--gin_file=gin/spectron_tiny.gin", "--topology=v5e:2x4", f"--json={out}"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "v5e:2x4: 8 chips, mesh {'data': 8, 'fsdp': 1, 'tensor': 1}, batch 32" in printed
+    r = json.loads(out.read_text())
+    assert r["fits"] and r["memory_per_chip"]["total"] < 1 << 30
+    # The formula and XLA agree on the matmul work (elementwise ops add a few percent).
+    assert 0.95 < r["flops_per_chip"]["ratio"] < 1.15
+    # Data parallelism over 8 chips all-reduces the gradients: at least every float32 parameter
+    # (4.58M, gin/models/tiny.gin) once, times 2 (8 - 1) / 8 sent per byte.
+    assert r["collective_bytes_per_chip"]["all-reduce"] >= 4 * 4.5e6 * 1.75
+    assert r["largest_arrays"][0]["path"].startswith(".params['decoder']['layers']")
