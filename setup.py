@@ -70,6 +70,9 @@ setuptools.setup(
             "resemblyzer>=0.1.4,<0.2",
             "setuptools>=68,<82",
         ],
+        # `python -m spectron_jax.aot`: libtpu compiles for TPU slices on any machine (no TPU
+        # needed; tests/test_aot.py skips without it). jax's own extra pins the matching libtpu.
+        "tpu": ["jax[tpu]>=0.10.2,<0.11"],
     },
     entry_points={
         "console_scripts": [
