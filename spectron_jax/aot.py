@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 
 from spectron_jax import config as config_lib  # noqa: E402
 from spectron_jax import flops as flops_lib  # noqa: E402
-from spectron_jax import models, partitioning, train  # noqa: E402
+from spectron_jax import models, partitioning, train, vocabularies  # noqa: E402
 from spectron_jax import trainer as trainer_lib  # noqa: E402
 
 GiB = 1024**3
@@ -243,7 +243,10 @@ def read_experiment(files: Sequence[str], bindings: Sequence[str], remat: str | 
             decoder=dataclasses.replace(config.decoder, remat=remat),
             encoder=dataclasses.replace(config.encoder, remat=remat),
         )
-    model = models.spectron_model(config=config)
+    # The default vocabulary: the shapes come from the config (a config's own tokenizer file
+    # need not exist on the machine that compiles).
+    tiny = vocabularies.vocabulary(path=vocabularies.TINY_SPM_PATH, light=True)
+    model = models.SpectronModel(config, tiny)
     task_lengths = gin.query_parameter("%TASK_FEATURE_LENGTHS")
     lengths = dict(model.feature_converter().get_model_feature_lengths(task_lengths))
     try:

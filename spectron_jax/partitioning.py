@@ -237,7 +237,15 @@ def host_local_batch_to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict
 
 @contextlib.contextmanager
 def axis_rules(mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> Iterator[None]:
-    """Applies the rules (for `nn.with_logical_constraint` in activations) and the mesh."""
+    """Applies the rules (for `nn.with_logical_constraint` in activations) and the mesh.
+
+    An `AbstractMesh` (shardings computed without devices, e.g. the golden-shardings files)
+    has no context to enter: only the rules apply, activation constraints are skipped.
+    """
+    if isinstance(mesh, jax.sharding.AbstractMesh):
+        with nn.logical_axis_rules(rules):
+            yield
+        return
     with mesh, nn.logical_axis_rules(rules):
         yield
 
