@@ -82,6 +82,15 @@ def chip_of(topology: str) -> Chip:
     return CHIPS[generation]
 
 
+def device_figures(topology: str, num_devices: int) -> Chip:
+    """The chip figures per device: libtpu describes v4 slices with one device per TensorCore
+    (`v4:2x2x1`: 4 chips, 8 devices), so each device gets its share of the chip."""
+    chips = math.prod(int(d) for d in topology.split(":")[1].split("x"))
+    share = max(num_devices // chips, 1)
+    chip = chip_of(topology)
+    return Chip(*(getattr(chip, f.name) / share for f in dataclasses.fields(Chip)))
+
+
 def tpu_devices(topology: str) -> list[Any]:
     """Abstract devices of a TPU slice (needs libtpu; compiles, never runs)."""
     from jax.experimental import topologies
@@ -414,7 +423,7 @@ def report(
       topology: the slice's name.
       num_chips: its chips.
     """
-    chip = chip_of(topology)
+    chip = device_figures(topology, num_chips)
     mem = memory(built.compiled)
     cost = {k: v * experiment.grad_accum_steps for k, v in _cost(counting.compiled).items()}
     compiled_flops = float(cost.get("flops", float("nan")))  # per chip (one SPMD program)
@@ -454,7 +463,7 @@ def _gib(x: float) -> str:
 
 def print_report(r: dict[str, Any]) -> None:
     mem = r["memory_per_chip"]
-    print(f"{r['topology']}: {r['chips']} chips, mesh {r['mesh']}, batch {r['global_batch']}")
+    print(f"{r['topology']}: {r['chips']} devices, mesh {r['mesh']}, batch {r['global_batch']}")
     print(
         "memory per chip: arguments {} + outputs {} - aliased {} + temporaries {} + code {} = {} "
         "of {} HBM ({})".format(
@@ -491,7 +500,7 @@ def find_max_batch(experiment: Experiment, devices: Sequence[Any], topology: str
     mesh = partitioning.create_mesh(devices=devices)
     unit = math.prod(mesh.shape[a] for a in partitioning.BATCH_AXES)
     unit *= experiment.grad_accum_steps
-    hbm = chip_of(topology).hbm_bytes
+    hbm = device_figures(topology, len(devices)).hbm_bytes
 
     def fits(batch: int) -> bool:
         built = compile_train_step(experiment, devices, batch)

@@ -85,7 +85,7 @@ def test_tiny_experiment_compiles_for_a_v5e_slice_and_fits(capsys, tmp_path):
     code = aot.main(["--gin_file=gin/spectron_tiny.gin", "--topology=v5e:2x4", f"--json={out}"])
     printed = capsys.readouterr().out
     assert code == 0, printed
-    assert "v5e:2x4: 8 chips, mesh {'data': 8, 'fsdp': 1, 'tensor': 1}, batch 32" in printed
+    assert "v5e:2x4: 8 devices, mesh {'data': 8, 'fsdp': 1, 'tensor': 1}, batch 32" in printed
     r = json.loads(out.read_text())
     assert r["fits"] and r["memory_per_chip"]["total"] < 1 << 30
     # The formula and XLA agree on the matmul work (elementwise ops add a few percent).
@@ -94,3 +94,10 @@ def test_tiny_experiment_compiles_for_a_v5e_slice_and_fits(capsys, tmp_path):
     # (4.58M, gin/models/tiny.gin) once, times 2 (8 - 1) / 8 sent per byte.
     assert r["collective_bytes_per_chip"]["all-reduce"] >= 4 * 4.5e6 * 1.75
     assert r["largest_arrays"][0]["path"].startswith(".params['decoder']['layers']")
+
+
+def test_v4_devices_share_their_chip():
+    """libtpu describes v4:2x2x1 as 8 devices on 4 chips (one per TensorCore)."""
+    per_device = aot.device_figures("v4:2x2x1", 8)
+    assert per_device.hbm_bytes == aot.CHIPS["v4"].hbm_bytes / 2
+    assert aot.device_figures("v5e:2x4", 8) == aot.CHIPS["v5e"]
