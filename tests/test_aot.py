@@ -82,7 +82,9 @@ def test_unknown_generation_is_an_error_naming_the_known_ones():
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs the tpu extra")
 def test_tiny_experiment_compiles_for_a_v5e_slice_and_fits(capsys, tmp_path):
     out = tmp_path / "aot.json"
-    code = aot.main(["--gin_file=gin/spectron_tiny.gin", "--topology=v5e:2x4", f"--json={out}"])
+    scanned = [f"--gin.spectron.{c}_config.scan_layers=True" for c in ("decoder", "conformer")]
+    args = ["--gin_file=gin/spectron_tiny.gin", "--topology=v5e:2x4", f"--json={out}"]
+    code = aot.main(args + scanned)
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert "v5e:2x4: 8 devices, mesh {'data': 8, 'fsdp': 1, 'tensor': 1}, batch 32" in printed
