@@ -24,16 +24,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_step  # noqa: E402
 
+from spectron_jax import config as config_lib  # noqa: E402
+
 LAYOUT = (64, 48, 160)  # prefix, text and frame slots of the embedded default
 
 
 def measure(depth: int, scan: bool, steps: int, batch: int) -> tuple[float, float]:
     """(compile seconds, median step seconds) of the tiny config at `depth` decoder layers."""
-    config = train_step.gin_spectron_config()
+    config = config_lib.with_stacks(train_step.gin_spectron_config(), scan_layers=scan)
     config = dataclasses.replace(
-        config,
-        decoder=dataclasses.replace(config.decoder, num_layers=depth, scan_layers=scan),
-        encoder=dataclasses.replace(config.encoder, scan_layers=scan),
+        config, decoder=dataclasses.replace(config.decoder, num_layers=depth)
     )
     bench = train_step.spectron_bench(f"{depth}", config, batch, LAYOUT)
     return bench.compile_s, statistics.median(train_step.time_steps(bench, steps))

@@ -35,7 +35,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import gin  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from spectron_jax import config as config_lib  # noqa: E402
@@ -223,12 +222,6 @@ def _group_size(instruction: str) -> int:
 # Building and compiling the experiment's train step.
 # ------------------------------------------------------------------------------------------------
 
-_BATCH_DTYPES = {
-    "encoder_features": jnp.float32,
-    "target_frames": jnp.float32,
-    "decoder_loss_weights": jnp.float32,
-}
-
 
 @dataclasses.dataclass
 class Experiment:
@@ -247,11 +240,7 @@ def read_experiment(files: Sequence[str], bindings: Sequence[str], remat: str | 
     train.parse_gin(files, bindings, [".", "gin"], finalize=False)
     config = config_lib.spectron_config()
     if remat is not None:
-        config = dataclasses.replace(
-            config,
-            decoder=dataclasses.replace(config.decoder, remat=remat),
-            encoder=dataclasses.replace(config.encoder, remat=remat),
-        )
+        config = config_lib.with_stacks(config, remat=remat)
     # The default vocabulary: the shapes come from the config (a config's own tokenizer file
     # need not exist on the machine that compiles).
     tiny = vocabularies.vocabulary(path=vocabularies.TINY_SPM_PATH, light=True)
@@ -273,12 +262,14 @@ def read_experiment(files: Sequence[str], bindings: Sequence[str], remat: str | 
 
 def abstract_batch(lengths: dict[str, int], batch_size: int, config: Any) -> dict[str, Any]:
     """ShapeDtypeStructs of one global model batch (CONTRACTS.md section 2)."""
-    widths = {"encoder_features": config.encoder_feature_dim, "target_frames": config.n_mels}
-    out = {}
-    for key, length in lengths.items():
-        shape = (batch_size, length) + ((widths[key],) if key in widths else ())
-        out[key] = jax.ShapeDtypeStruct(shape, _BATCH_DTYPES.get(key, jnp.int32))
-    return out
+    shapes = config_lib.example_input_shapes(
+        config,
+        batch_size,
+        prompt_frames=lengths["encoder_features"],
+        text_length=lengths["decoder_input_tokens"],
+        num_frames=lengths["target_frames"],
+    )
+    return {k: jax.ShapeDtypeStruct(s, models.INPUT_TYPES[k]) for k, s in shapes.items()}
 
 
 @dataclasses.dataclass
@@ -288,9 +279,11 @@ class Compiled:
     batch_size: int
 
 
-def compile_train_step(experiment: Experiment, devices: Sequence[Any], batch_size: int) -> Compiled:
-    """The train step lowered and compiled for `devices` (the config's mesh over them)."""
-    mesh = partitioning.create_mesh(devices=devices)
+def setup_trainer(
+    experiment: Experiment, mesh: Any, batch_size: int
+) -> tuple[trainer_lib.Trainer, dict[str, Any]]:
+    """The experiment's `Trainer` on `mesh` (a device or abstract mesh), set up for one global
+    batch of `batch_size`: (trainer, the abstract batch)."""
     tr = trainer_lib.Trainer(
         experiment.model,
         mesh,
@@ -299,10 +292,14 @@ def compile_train_step(experiment: Experiment, devices: Sequence[Any], batch_siz
     )
     batch = abstract_batch(experiment.lengths, batch_size, experiment.model.config)
     tr.setup(batch)
+    return tr, batch
+
+
+def compile_train_step(experiment: Experiment, devices: Sequence[Any], batch_size: int) -> Compiled:
+    """The train step lowered and compiled for `devices` (the config's mesh over them)."""
+    tr, batch = setup_trainer(experiment, partitioning.create_mesh(devices=devices), batch_size)
     rng = jax.eval_shape(lambda: jax.random.key(0))
-    with partitioning.axis_rules(mesh, tr.rules):
-        lowered = tr._jitted_train_step().lower(tr.abstract_state, batch, rng)  # noqa: SLF001
-    return Compiled(tr, lowered.compile(), batch_size)
+    return Compiled(tr, tr.compile_train_step(batch, rng), batch_size)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -396,12 +393,7 @@ def replicated_params(tr: trainer_lib.Trainer, min_bytes: int = 1 << 20) -> list
 def unrolled(experiment: Experiment) -> Experiment:
     """The experiment with every layer stack unrolled: XLA's cost analysis counts a loop's body
     once, so FLOPs and bytes accessed are read from this program (the same math)."""
-    c = experiment.model.config
-    config = dataclasses.replace(
-        c,
-        decoder=dataclasses.replace(c.decoder, scan_layers=False),
-        encoder=dataclasses.replace(c.encoder, scan_layers=False),
-    )
+    config = config_lib.with_stacks(experiment.model.config, scan_layers=False)
     model = models.SpectronModel(config, experiment.model.vocabulary)
     return dataclasses.replace(experiment, model=model)
 

@@ -256,6 +256,16 @@ def spectron_config(
     )
 
 
+def with_stacks(config: SpectronConfig, **fields: Any) -> SpectronConfig:
+    """`config` with `fields` (e.g. scan_layers, remat) set on both layer stacks, decoder and
+    encoder."""
+    return dataclasses.replace(
+        config,
+        decoder=dataclasses.replace(config.decoder, **fields),
+        encoder=dataclasses.replace(config.encoder, **fields),
+    )
+
+
 def example_input_shapes(
     config: SpectronConfig,
     batch_size: int = 1,

@@ -218,10 +218,10 @@ class Attention(nn.Module):
         `local`: attend through the sliding window with the local RoPE base; a Python bool, or a
         traced bool[] (a scanned stack of mixed layers); None: local iff `sliding_window` is set.
         """
-        if local is None:
-            local = self.sliding_window is not None
         if self.sliding_window is None:
             local = False
+        elif local is None:
+            local = True
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} not a multiple of {self.num_kv_heads}")
         b, t, d_model = x.shape

@@ -7,29 +7,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_decoder import GEMMA_LIKE
 
 from spectron_jax.nn import attention, stack
 from spectron_jax.nn.conformer import ConformerConfig, ConformerEncoder, abstract_variables
-from spectron_jax.nn.decoder import Decoder, DecoderConfig, init_cache
+from spectron_jax.nn.decoder import Decoder, init_cache
 
-# Three layers with the pattern local, local, global: a scanned stack must feed per-layer flags.
-DECODER = DecoderConfig(
-    vocab_size=40,
-    num_layers=3,
-    d_model=32,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    mlp_dim=48,
-    activation="gelu_tanh",
-    norm_variant="gemma",
-    qk_norm=True,
-    post_norms=True,
-    rope_theta=1e4,
-    rope_local_theta=100.0,
-    sliding_window=2,
-    sliding_window_pattern=3,
-)
+# test_decoder's Gemma-like config (GQA, QK-norm, sandwich norms, soft caps, two RoPE bases) with
+# three layers in the pattern local, local, global: a scanned stack must feed per-layer flags.
+DECODER = dataclasses.replace(GEMMA_LIKE, num_layers=3, sliding_window=2, sliding_window_pattern=3)
 CONFORMER = ConformerConfig(
     input_dim=12, hidden_dim=16, num_layers=3, num_heads=2, mlp_dim=32, conv_kernel_size=5
 )
