@@ -15,11 +15,11 @@ import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import gin  # noqa: E402
 import jax  # noqa: E402
 from jax.sharding import AbstractMesh  # noqa: E402
 
 from spectron_jax import aot, partitioning  # noqa: E402
-from spectron_jax import trainer as trainer_lib  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN_DIR = os.path.join(ROOT, "tests", "golden")
@@ -45,11 +45,12 @@ def _specs(abstract, shardings) -> dict[str, str]:
 def golden(config: str, mesh_name: str) -> dict:
     """The shardings of one config on one mesh, JSON-ready."""
     files, bindings = CONFIGS[config]
-    experiment = aot.read_experiment(files, bindings, None)
-    mesh = AbstractMesh(MESHES[mesh_name], partitioning.MESH_AXES)
-    tr = trainer_lib.Trainer(experiment.model, mesh, experiment.optimizer)
-    batch = aot.abstract_batch(experiment.lengths, experiment.batch_size, experiment.model.config)
-    tr.setup(batch)
+    try:
+        experiment = aot.read_experiment(files, bindings, None)
+        mesh = AbstractMesh(MESHES[mesh_name], partitioning.MESH_AXES)
+        tr, batch = aot.setup_trainer(experiment, mesh, experiment.batch_size)
+    finally:
+        gin.clear_config()  # The experiment's bindings must not reach whoever runs next.
     spec = partitioning.batch_sharding(mesh).spec
     state, shardings = tr.abstract_state, tr.state_shardings
     return {

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import types
 
+import gin
 import pytest
 
 from spectron_jax import aot
@@ -84,7 +85,10 @@ def test_tiny_experiment_compiles_for_a_v5e_slice_and_fits(capsys, tmp_path):
     out = tmp_path / "aot.json"
     scanned = [f"--gin.spectron.{c}_config.scan_layers=True" for c in ("decoder", "conformer")]
     args = ["--gin_file=gin/spectron_tiny.gin", "--topology=v5e:2x4", f"--json={out}"]
-    code = aot.main(args + scanned)
+    try:
+        code = aot.main(args + scanned)
+    finally:
+        gin.clear_config()  # The experiment's bindings (its mesh, its vocabulary) stay here.
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert "v5e:2x4: 8 devices, mesh {'data': 8, 'fsdp': 1, 'tensor': 1}, batch 32" in printed
