@@ -640,18 +640,12 @@ def _generate(
 def _compiled(model_config: SpectronConfig, options: DecodeConfig, mesh: Mesh | None = None):
     """One jitted program per model config, static decode options and mesh (jit caches shapes).
 
-    With a mesh the program is traced under the logical-axis rules, so the activations' and the
-    KV cache's `with_logical_constraint`s shard them as in training.
+    With a mesh `generate` calls it under the logical-axis rules and the mesh (set outside
+    `jit`, as JAX requires), so the activations' and the KV cache's `with_logical_constraint`s
+    shard them as in training.
     """
-    program = functools.partial(_generate, Spectron(model_config), options)
-    if mesh is None:
-        return jax.jit(program)
-
-    def sharded(params, batch, knobs):
-        with partitioning.axis_rules(mesh):
-            return program(params, batch, knobs)
-
-    return jax.jit(sharded)
+    del mesh  # Part of the cache key only: the trace under another mesh is another program.
+    return jax.jit(functools.partial(_generate, Spectron(model_config), options))
 
 
 def param_shardings(model: Model, mesh: Mesh) -> PyTree:
@@ -734,7 +728,10 @@ def generate(
         params = jax.device_put(nn.unbox(params), param_shardings(model, mesh))
         inputs = jax.device_put(inputs, partitioning.batch_sharding(mesh))
     program = _compiled(model.config, config.static_key(), mesh)
-    return program(params, inputs, _knobs(config, rng))
+    if mesh is None:
+        return program(params, inputs, _knobs(config, rng))
+    with partitioning.axis_rules(mesh):
+        return program(params, inputs, _knobs(config, rng))
 
 
 def predict_batch_with_aux(

@@ -237,16 +237,19 @@ def host_local_batch_to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict
 
 @contextlib.contextmanager
 def axis_rules(mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> Iterator[None]:
-    """Applies the rules (for `nn.with_logical_constraint` in activations) and the mesh.
+    """Applies the rules and the mesh, so that `nn.with_logical_constraint` in activations
+    takes effect.
 
-    An `AbstractMesh` (shardings computed without devices, e.g. the golden-shardings files)
-    has no context to enter: only the rules apply, activation constraints are skipped.
+    Flax applies an activation constraint only where JAX has a mesh set (`jax.set_mesh`; the
+    legacy `with mesh:` alone is not seen, and every constraint would silently be dropped). An
+    `AbstractMesh` (shardings computed without devices, e.g. the golden-shardings files) is set
+    as the abstract mesh.
     """
     if isinstance(mesh, jax.sharding.AbstractMesh):
-        with nn.logical_axis_rules(rules):
+        with jax.sharding.use_abstract_mesh(mesh), nn.logical_axis_rules(rules):
             yield
         return
-    with mesh, nn.logical_axis_rules(rules):
+    with mesh, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         yield
 
 

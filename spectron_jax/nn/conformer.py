@@ -305,7 +305,8 @@ class _SubsamplingStem(nn.Module):
                 padding=((1, 1), (1, 1)),
                 dtype=jnp.dtype(cfg.dtype),
                 param_dtype=jnp.dtype(cfg.param_dtype),
-                kernel_init=_init(nn.initializers.lecun_normal(), ("conv", "conv", None, "mlp")),
+                # One logical name per dimension (Flax rejects a repeated one): time x freq.
+                kernel_init=_init(nn.initializers.lecun_normal(), ("conv", None, None, "mlp")),
                 bias_init=_init(nn.initializers.zeros_init(), ("mlp",)),
                 name=f"conv{i + 1}",
             )(x)  # [B,T,F,C] -> [B,ceil(T/2),ceil(F/2),C]

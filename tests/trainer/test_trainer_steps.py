@@ -51,6 +51,24 @@ def test_mesh_sizes_and_rules():
     assert spec == jax.sharding.PartitionSpec(None, "tensor")
 
 
+def test_activation_constraints_take_effect_under_the_rules():
+    # Flax drops `with_logical_constraint` silently where JAX has no mesh set; under
+    # `axis_rules` the constraint must reach the program (a dropped one let XLA keep whole-batch
+    # activations on every chip and all-reduce them).
+    import flax.linen as nn
+
+    def double(x):
+        return nn.with_logical_constraint(2 * x, ("activation_batch", "activation_embed"))
+
+    mesh = partitioning.create_mesh(data=2, fsdp=4, tensor=1)
+    with partitioning.axis_rules(mesh):
+        out = jax.jit(double)(np.ones((8, 3), np.float32))
+    assert out.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))
+    assert out.addressable_shards[0].data.shape == (1, 3)
+    with partitioning.axis_rules(mesh.abstract_mesh):  # Abstract: traced, nothing placed.
+        assert jax.eval_shape(double, np.ones((8, 3), np.float32)).shape == (8, 3)
+
+
 def test_sharded_run_matches_single_device_and_grad_accumulation():
     sharded = partitioning.create_mesh(data=2, fsdp=2, tensor=2)
     single = partitioning.create_mesh(devices=jax.devices()[:1])
