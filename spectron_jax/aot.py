@@ -13,7 +13,9 @@ moves per step (instructions inside loops counted once per trip); the shardings 
 arrays and every replicated parameter over 1 MiB; and a roofline estimate of the step time and
 MFU from the chip figures in CHIPS. It exits 1 when the step does not fit in HBM.
 `--find-max-batch` doubles, then bisects, the global batch (multiples of data x fsdp) to the
-largest that fits. Run with JAX_PLATFORMS=cpu; set nothing else.
+largest that fits. `--decode-batch N` also compiles `decoding.generate` for N prompts (text up to
+the config's text length, then its frame length, or `--decode-frames`) and prints its memory and
+an HBM-bound frame-step time. Run with JAX_PLATFORMS=cpu; set nothing else.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import math
 import os
 import re
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,8 +41,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from spectron_jax import config as config_lib  # noqa: E402
+from spectron_jax import decoding, models, partitioning, train, vocabularies  # noqa: E402
 from spectron_jax import flops as flops_lib  # noqa: E402
-from spectron_jax import models, partitioning, train, vocabularies  # noqa: E402
 from spectron_jax import trainer as trainer_lib  # noqa: E402
 
 GiB = 1024**3
@@ -511,6 +514,53 @@ def find_max_batch(experiment: Experiment, devices: Sequence[Any], topology: str
     return lo * unit
 
 
+def compile_decode(
+    experiment: Experiment, devices: Sequence[Any], batch_size: int, text_tokens: int, frames: int
+) -> Any:
+    """`decoding.generate`'s program (free text, then `frames` spectrogram frames) for
+    `batch_size` prompts of the experiment's prompt length, compiled for `devices`."""
+    mesh = partitioning.create_mesh(devices=devices)
+    train_batch = abstract_batch(experiment.lengths, batch_size, experiment.model.config)
+    inputs = {k: train_batch[k] for k in ("encoder_features", "encoder_mask")}
+    options = decoding.DecodeConfig(max_text_tokens=text_tokens, max_frames=frames)
+    return decoding.lower_generate(experiment.model, inputs, options, mesh).compile()
+
+
+def decode_report(
+    experiment: Experiment, compiled: Any, topology: str, num_chips: int, batch: int, frames: int
+) -> dict[str, Any]:
+    """Memory of the decode program, and a bandwidth roofline of one frame step.
+
+    Autoregressive decoding is HBM-bound: each step reads every parameter and the KV cache once.
+    The step time is estimated as (arguments + temporaries) / HBM bandwidth (the temporaries hold
+    the cache, so this is an upper bound on the bytes one step reads); the real-time factor is
+    that time over the audio one step adds (r frames at the spectrogram's frame rate).
+    """
+    chip = device_figures(topology, num_chips)
+    mem = memory(compiled)
+    step_s = (mem["arguments"] + mem["temporaries"]) / chip.hbm_bandwidth
+    spec = experiment.model.config.spectrogram
+    audio_per_step = experiment.model.config.reduction_factor * spec.hop_length / spec.sample_rate
+    return {
+        "batch": batch,
+        "frames": frames,
+        "memory_per_chip": mem,
+        "fits": mem["total"] <= chip.hbm_bytes,
+        "frame_step_s": step_s,
+        "real_time_factor": step_s / audio_per_step,
+    }
+
+
+def print_decode_report(d: dict[str, Any], hbm: float) -> None:
+    mem = d["memory_per_chip"]
+    print(
+        f"decode (batch {d['batch']}, {d['frames']} frames): arguments {_gib(mem['arguments'])} "
+        f"+ temporaries {_gib(mem['temporaries'])} = {_gib(mem['total'])} of {_gib(hbm)} "
+        f"({'fits' if d['fits'] else 'DOES NOT FIT'}); HBM-bound frame step "
+        f"{1e3 * d['frame_step_s']:.2f} ms, real-time factor {d['real_time_factor']:.3f}"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = train.rewrite_gin_args(list(sys.argv[1:] if argv is None else argv))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -519,24 +569,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--topology", required=True, help='e.g. "v5e:2x4", "v5p:2x2x1"')
     parser.add_argument("--remat", default=None, help="override the config's remat policy")
     parser.add_argument("--find-max-batch", action="store_true")
+    parser.add_argument(
+        "--decode-batch", type=int, default=0, help="also compile decoding for this many prompts"
+    )
+    parser.add_argument("--decode-frames", type=int, default=None, help="default: the config's")
+    parser.add_argument("--decode-text-tokens", type=int, default=None, help="default: config's")
     parser.add_argument("--json", default=None, help="write the report here too")
     args = parser.parse_args(argv)
     devices = tpu_devices(args.topology)
     experiment = read_experiment(args.gin_file, args.gin_bindings, args.remat)
+    started = time.perf_counter()
     built = compile_train_step(experiment, devices, experiment.batch_size)
+    print(f"compiled the train step in {time.perf_counter() - started:.0f} s", flush=True)
     scans = (
         experiment.model.config.decoder.scan_layers or experiment.model.config.encoder.scan_layers
     )
+    started = time.perf_counter()
     counting = (
         compile_train_step(unrolled(experiment), devices, experiment.batch_size) if scans else built
     )
+    if scans:
+        print(f"compiled it unrolled (FLOPs) in {time.perf_counter() - started:.0f} s", flush=True)
     result = report(experiment, built, counting, args.topology, len(devices))
     if args.find_max_batch:
         print("searching the largest global batch that fits:")
         result["max_batch"] = find_max_batch(experiment, devices, args.topology)
+    if args.decode_batch:
+        frames = args.decode_frames or experiment.lengths["target_frames"]
+        text = args.decode_text_tokens or experiment.lengths["decoder_input_tokens"]
+        decode = compile_decode(experiment, devices, args.decode_batch, text, frames)
+        result["decode"] = decode_report(
+            experiment, decode, args.topology, len(devices), args.decode_batch, frames
+        )
     print_report(result)
     if "max_batch" in result:
         print(f"largest global batch that fits: {result['max_batch']}")
+    if "decode" in result:
+        print_decode_report(result["decode"], result["hbm_per_chip"])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2, default=float)

@@ -648,17 +648,57 @@ def _compiled(model_config: SpectronConfig, options: DecodeConfig, mesh: Mesh | 
     return jax.jit(functools.partial(_generate, Spectron(model_config), options))
 
 
-def param_shardings(model: Model, mesh: Mesh) -> PyTree:
-    """`NamedSharding` per parameter, from their logical axes and the one rules table (as the
-    trainer places them)."""
+def abstract_params(model: Model, mesh: Mesh) -> PyTree:
+    """The parameters' `ShapeDtypeStruct`s, each with its `NamedSharding` from its logical axes
+    and the one rules table (as the trainer places them)."""
     from spectron_jax.config import example_input_shapes
 
     shapes = example_input_shapes(model.config)
+    rng = jax.random.PRNGKey(0)  # Made outside: no array can be made under abstract devices.
     with partitioning.axis_rules(mesh):
-        boxed = jax.eval_shape(
-            lambda rng: model.get_initial_variables(rng, shapes)["params"], jax.random.PRNGKey(0)
-        )
-    return partitioning.tree_shardings(nn.unbox(boxed), partitioning.logical_specs(boxed), mesh)
+        boxed = jax.eval_shape(lambda rng: model.get_initial_variables(rng, shapes)["params"], rng)
+    abstract = nn.unbox(boxed)
+    shardings = partitioning.tree_shardings(abstract, partitioning.logical_specs(boxed), mesh)
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+
+
+def param_shardings(model: Model, mesh: Mesh) -> PyTree:
+    """`NamedSharding` per parameter (see `abstract_params`)."""
+    return jax.tree.map(lambda a: a.sharding, abstract_params(model, mesh))
+
+
+def lower_generate(
+    model: Model,
+    inputs: Mapping[str, jax.ShapeDtypeStruct],
+    config: DecodeConfig,
+    mesh: Mesh,
+) -> jax.stages.Lowered:
+    """`generate`'s program lowered for abstract inputs on `mesh`, run nowhere (the AOT tool
+    compiles it for TPU slices; `.compile()` on the result gives its memory and cost).
+
+    Args:
+      model: the model.
+      inputs: shapes of `generate`'s batch: `encoder_features` [B, T_p, F], `encoder_mask`
+        [B, T_p] (and, for text_mode "forced", `decoder_input_tokens` / `text_part`).
+      config: decoding options (`max_text_tokens`, `max_frames`: the loop bounds).
+      mesh: parameters, batch and KV cache placed as `generate(..., mesh=mesh)` places them.
+    """
+    config = config.with_model_ids(model)
+    batch_sharding = partitioning.batch_sharding(mesh)
+    batch = {
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
+        for k, v in inputs.items()
+    }
+    knobs = {
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=partitioning.replicated(mesh))
+        for k, v in _knobs(config, None).items()
+    }
+    params = abstract_params(model, mesh)
+    program = _compiled(model.config, config.static_key(), mesh)
+    with partitioning.axis_rules(mesh):
+        return program.lower(params, batch, knobs)
 
 
 def _knobs(config: DecodeConfig, rng: jax.Array | None) -> dict[str, jax.Array]:

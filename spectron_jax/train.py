@@ -63,14 +63,22 @@ def initialize_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
+    auto: bool = False,
 ) -> None:
-    """`jax.distributed.initialize` from explicit values, or auto-detected on TPU / SLURM.
+    """`jax.distributed.initialize` from explicit values, or auto-detected (Cloud TPU, SLURM).
 
-    Single-process runs (no coordinator, no cluster environment) skip it.
+    Auto-detection runs where `auto` is set (`--distributed`, which launch/tpu/tpu.sh passes:
+    a Cloud TPU VM names its workers only through its metadata server) or the environment says
+    several processes take part (SLURM_NTASKS > 1, TPU_WORKER_HOSTNAMES, MEGASCALE_*).
+    Single-process runs skip it.
     """
+    env = os.environ
+    several = int(env.get("SLURM_NTASKS", "1")) > 1 or any(
+        env.get(k) for k in ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+    )
     if coordinator_address:
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
-    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or os.environ.get("TPU_WORKER_HOSTNAMES"):
+    elif auto or several:
         jax.distributed.initialize()
     else:
         return
@@ -392,6 +400,9 @@ flags.DEFINE_enum("mode", "train", ["train", "eval"], "train() or evaluate_check
 flags.DEFINE_string("coordinator_address", None, "jax.distributed coordinator host:port.")
 flags.DEFINE_integer("num_processes", None, "jax.distributed process count.")
 flags.DEFINE_integer("process_id", None, "jax.distributed index of this process.")
+flags.DEFINE_bool(
+    "distributed", False, "jax.distributed with auto-detection (every Cloud TPU VM worker)."
+)
 
 
 def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
@@ -426,7 +437,9 @@ def main(argv: Sequence[str]) -> None:
     logging.getLogger().setLevel(logging.INFO)
     # Orbax logs every save phase at INFO through absl; keep the console to our progress lines.
     logging.getLogger("absl").setLevel(logging.WARNING)
-    initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    initialize_distributed(
+        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.distributed
+    )
     parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
     if FLAGS.mode == "eval":
         evaluate_checkpoint()

@@ -85,6 +85,7 @@ def test_tiny_experiment_compiles_for_a_v5e_slice_and_fits(capsys, tmp_path):
     out = tmp_path / "aot.json"
     scanned = [f"--gin.spectron.{c}_config.scan_layers=True" for c in ("decoder", "conformer")]
     args = ["--gin_file=gin/spectron_tiny.gin", "--topology=v5e:2x4", f"--json={out}"]
+    args += ["--decode-batch=8", "--decode-frames=64"]
     try:
         code = aot.main(args + scanned)
     finally:
@@ -100,6 +101,11 @@ def test_tiny_experiment_compiles_for_a_v5e_slice_and_fits(capsys, tmp_path):
     # (4.58M, gin/models/tiny.gin) once, times 2 (8 - 1) / 8 sent per byte.
     assert r["collective_bytes_per_chip"]["all-reduce"] >= 4 * 4.5e6 * 1.75
     assert r["largest_arrays"][0]["path"].startswith(".params['decoder']['layers']")
+    # Decoding compiled for the slice: every (replicated, float32) parameter is an argument.
+    decode = r["decode"]
+    assert decode["fits"] and decode["frames"] == 64
+    assert decode["memory_per_chip"]["arguments"] >= 4 * 4.5e6
+    assert 0 < decode["frame_step_s"] < 1e-3
 
 
 def test_v4_devices_share_their_chip():

@@ -1,4 +1,4 @@
-"""Entry points: gin files, launch scripts, flags, metrics/MFU, the real model through train(),
+"""Entry points: gin files, flags, metrics/MFU, the real model through train(),
 and the 2-process distributed run."""
 
 from __future__ import annotations
@@ -83,58 +83,6 @@ def test_gin_flag_shorthand():
         "--gin_bindings=TRAIN_STEPS=5",
         "--gin_file=a.gin",
     ]
-
-
-@pytest.mark.parametrize(
-    "script,args,expect",
-    [
-        (
-            "launch/tpu/train.sh",
-            [
-                "--tpu",
-                "v5-8",
-                "--zone",
-                "us-c",
-                "--dry-run",
-                "--",
-                "--gin_file=gin/spectron_base.gin",
-            ],
-            [
-                "gcloud compute tpus tpu-vm ssh v5-8",
-                "--worker=all",
-                "spectron_jax.train",
-                "--gin_file=gin/spectron_base.gin",
-            ],
-        ),
-        (
-            "launch/slurm/submit.sh",
-            [
-                "--nodes",
-                "2",
-                "--gpus_per_node",
-                "4",
-                "--dry-run",
-                "--",
-                "--gin_file=gin/spectron_base.gin",
-            ],
-            [
-                "sbatch --nodes=2 --ntasks-per-node=4 --gpus-per-node=4",
-                "train.sbatch",
-                "spectron_jax.train --gin_file=gin/spectron_base.gin",
-            ],
-        ),
-    ],
-)
-def test_launch_scripts_dry_run(script, args, expect):
-    out = subprocess.run(
-        ["bash", str(REPO / script), *args], capture_output=True, text=True, check=True, timeout=30
-    ).stdout
-    for piece in expect:
-        assert piece in out, (piece, out)
-    bad = subprocess.run(
-        ["bash", str(REPO / script), "--bogus"], capture_output=True, text=True, timeout=30
-    )
-    assert bad.returncode == 2 and "unknown argument" in bad.stderr
 
 
 def test_mfu_and_throughput_from_batch_masks(tmp_path):
@@ -273,3 +221,18 @@ def test_command_line_trains_and_writes_operative_config(tmp_path):
     assert "step 3/3" in out.stderr + out.stdout
     assert "train.num_steps = 3" in (tmp_path / "run" / "config.gin").read_text()
     assert checkpoints.Checkpointer(tmp_path / "run" / "checkpoints").steps() == [3]
+
+
+def test_distributed_start_is_auto_detected_only_where_several_processes_run(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a: calls.append(a))
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    for var in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"):
+        monkeypatch.delenv(var, raising=False)
+    train.initialize_distributed()  # One process on its own: nothing to join.
+    assert calls == []
+    train.initialize_distributed(auto=True)  # --distributed (every Cloud TPU VM worker).
+    monkeypatch.setenv("MEGASCALE_COORDINATOR_ADDRESS", "10.0.0.5:8080")
+    train.initialize_distributed()
+    train.initialize_distributed("host:1234", 4, 3)
+    assert calls == [(), (), ("host:1234", 4, 3)]
