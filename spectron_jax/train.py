@@ -30,7 +30,7 @@ from absl import app, flags
 from etils import epath
 from jax.experimental import multihost_utils
 
-from spectron_jax import checkpoints, data, partitioning, summaries
+from spectron_jax import checkpoints, data, multihost, partitioning, summaries
 from spectron_jax import trainer as trainer_lib
 from spectron_jax.data import DatasetFn
 from spectron_jax.evaluation.loss import mean_eval_metrics
@@ -146,6 +146,7 @@ def train(
     seed: int = 0,
     batch_callback: Callable[[int, Mapping[str, Any]], None] | None = None,
     clock: Callable[[], float] | None = None,
+    lost_process_timeout_s: float = 30.0,
 ) -> TrainResult:
     """Trains `model` to `num_steps`, resuming from `model_dir` if it holds checkpoints.
 
@@ -154,26 +155,23 @@ def train(
       dataset_fn: this process's training batches (see `DatasetFn`).
       model_dir: checkpoints (`checkpoints/`), TensorBoard events and the operative gin config.
       num_steps: the total step count to reach (not "more steps").
-      mesh: device mesh; default `partitioning.create_mesh()` (gin-configurable).
-      optimizer: optimizer settings; default `OptimizerConfig()` (gin-configurable).
+      mesh, optimizer: defaults `partitioning.create_mesh()`, `OptimizerConfig()` (gin).
       grad_accum_steps: micro-batches per step.
       checkpoint_config: save / keep policy; a final checkpoint is always written.
       init_checkpoint: converted / pretrained weights for a fresh run (see `load_subtrees`).
       init_subtrees: params subtrees to take from `init_checkpoint`; None = all params.
-      init_checkpoints: several sources, {checkpoint: subtrees}, e.g. the recipe's stage-1
-        encoder and stage-2 decoder: `{'/s1/checkpoints': {'encoder': 'params/encoder'},
-        '/s2/checkpoints': {'decoder': 'params/decoder'}}`; joined with `init_checkpoint`
-        (no subtree may have two sources).
-      evaluators: `interfaces.Evaluator`s (e.g. `evaluation.loss.LossEvaluator`), run every
-        `evaluator.every` steps and after the last one (not after a preemption); figures go
-        to TensorBoard under `evaluator.name/`.
+      init_checkpoints: several sources, {checkpoint: subtrees}, e.g. `{'/s1/checkpoints':
+        {'encoder': 'params/encoder'}, '/s2/checkpoints': {'decoder': 'params/decoder'}}`.
+      evaluators: `interfaces.Evaluator`s, run every `evaluator.every` steps and after the
+        last one (not after a preemption); figures go to TensorBoard under `evaluator.name/`.
       log_every: steps between metric writes.
+      lost_process_timeout_s: a process silent this long ends the others, naming it and the
+        last checkpoint (`multihost.Watchdog`), instead of a hang in the next collective.
       seed: seeds parameter init, dropout and the data order.
       batch_callback: called with (step, host batch) for every batch trained on (tests).
       clock: seconds for the time-based checkpoint policy (tests); default monotonic.
 
-    Returns:
-      The final state and metrics.
+    Returns the final state and metrics.
 
     Raises:
       trainer_lib.NonFiniteLossError: the loss became NaN/Inf (see `_Run.train_step`).
@@ -190,6 +188,7 @@ def train(
     )
     if jax.process_index() == 0:
         (model_dir_path / "config.gin").write_text(gin.config_str())
+    stop_watching = _watch_peers(ckpt, lost_process_timeout_s)
     # Checked before anything is built: a bad init config fails in seconds.
     sources = checkpoints.init_sources(init_checkpoint, init_subtrees, init_checkpoints)
     init_rng, dropout_rng = jax.random.split(jax.random.key(seed))
@@ -227,7 +226,22 @@ def train(
         preemption.restore()
         ckpt.close()
         run.writer.close()
+        stop_watching()
     return TrainResult(run.state, run.step, last, start.source, str(ckpt.directory))
+
+
+def _watch_peers(ckpt: checkpoints.Checkpointer, timeout_s: float) -> Callable[[], None]:
+    """With several processes, starts the watchdog that ends this one when a peer is lost;
+    returns what stops it."""
+    if jax.process_count() == 1:
+        return lambda: None
+
+    def restart_from() -> str:
+        step = ckpt.latest_good_step()
+        where = f"step {step} in {ckpt.directory}" if step is not None else "none yet"
+        return f"Last checkpoint: {where}; restart every process to resume from it."
+
+    return multihost.Watchdog(timeout_s, describe=restart_from).start().stop
 
 
 def _due(evaluator: Evaluator, step: int) -> bool:

@@ -26,6 +26,7 @@ FLOORS = {
     "spectron_jax.config": 1,
     "spectron_jax.network": 1,
     "spectron_jax.partitioning": 1,
+    "spectron_jax.multihost": 1,
     "spectron_jax.feature_converter": 1,
     "spectron_jax.convert": 1,
     "spectron_jax.decoding": 2,
