@@ -41,6 +41,7 @@ FLOORS = {
     "spectron_tasks.number_text": 4,
     "spectron_tasks.recipe_mixtures": 4,
     "spectron_jax.data": 5,
+    "spectron_jax.feature_cache": 6,
     "spectron_jax.inference": 5,
     "spectron_jax.evaluation": 6,
     "spectron_jax.evaluation.judges": 6,
