@@ -12,10 +12,11 @@ step against the model-FLOPs formula (`spectron_jax/flops.py`); the bytes each k
 moves per step (instructions inside loops counted once per trip); the shardings of the largest
 arrays and every replicated parameter over 1 MiB; and a roofline estimate of the step time and
 MFU from the chip figures in CHIPS. It exits 1 when the step does not fit in HBM.
-`--find-max-batch` doubles, then bisects, the global batch (multiples of data x fsdp) to the
-largest that fits. `--decode-batch N` also compiles `decoding.generate` for N prompts (text up to
-the config's text length, then its frame length, or `--decode-frames`) and prints its memory and
-an HBM-bound frame-step time. Run with JAX_PLATFORMS=cpu; set nothing else.
+`--find-max-batch` predicts the largest global batch (multiples of data x fsdp) that fits from
+the step's memory and checks the prediction with a second compile. `--decode-batch N` also
+compiles `decoding.generate` for N prompts (text up to the config's text length, then its frame
+length, or `--decode-frames`) and prints its memory and an HBM-bound frame-step time. Run with
+JAX_PLATFORMS=cpu; set nothing else.
 """
 
 from __future__ import annotations
@@ -487,31 +488,58 @@ def print_report(r: dict[str, Any]) -> None:
         print(f"  {row['path']:60} {row['shape']} {row['spec']} {_gib(row['bytes_per_chip'])}/chip")
     print(f"replicated parameters over 1 MiB: {len(r['replicated_params_over_1MiB'])}")
     for row in r["replicated_params_over_1MiB"]:
-        print(f"  {row['path']:60} {_gib(row['bytes'])}: {row['why']}")
+        print(f"  {row['path']:60} {row['bytes'] / 2**20:.1f} MiB: {row['why']}")
 
 
-def find_max_batch(experiment: Experiment, devices: Sequence[Any], topology: str) -> int:
-    """The largest global batch (a multiple of data x fsdp) whose step fits in HBM; 0 if none."""
+def find_max_batch(
+    experiment: Experiment,
+    devices: Sequence[Any],
+    topology: str,
+    built: Compiled | None = None,
+    checks: int = 2,
+) -> int:
+    """The largest global batch (a multiple of data x fsdp x grad_accum_steps) whose step fits
+    in HBM, from up to `checks` + 1 compiles; 0 if even one unit does not fit.
+
+    The first compile (`built`, or one at a unit) gives the memory that does not grow with the
+    batch (total - temporaries) and the temporaries per example; taking the temporaries as
+    proportional to the batch over-estimates their growth, so the prediction errs low
+    (`checks=0` returns it unchecked). A second compile checks it (stepping down by a tenth
+    until one fits); with `checks=2` the line through the two measured sizes predicts again,
+    and a third compile checks that.
+    """
     mesh = partitioning.create_mesh(devices=devices)
     unit = math.prod(mesh.shape[a] for a in partitioning.BATCH_AXES)
     unit *= experiment.grad_accum_steps
     hbm = device_figures(topology, len(devices)).hbm_bytes
 
-    def fits(batch: int) -> bool:
-        built = compile_train_step(experiment, devices, batch)
-        total = memory(built.compiled)["total"]
-        print(f"  batch {batch}: {_gib(total)} per chip", flush=True)
-        return total <= hbm
+    known = {built.batch_size: memory(built.compiled)} if built else {}
 
-    if not fits(unit):
+    def fits(batch: int) -> bool:
+        if batch not in known:
+            known[batch] = memory(compile_train_step(experiment, devices, batch).compiled)
+            print(f"  batch {batch}: {_gib(known[batch]['total'])} per chip", flush=True)
+        return known[batch]["total"] <= hbm
+
+    first = built.batch_size if built else unit
+    if not fits(first) and first == unit:
         return 0
-    lo, hi = 1, 2
-    while fits(hi * unit):
-        lo, hi = hi, hi * 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid * unit) else (lo, mid)
-    return lo * unit
+    mem = known[first]
+    per_example = mem["temporaries"] / first
+    guess = max(unit, int((hbm - (mem["total"] - mem["temporaries"])) / per_example) // unit * unit)
+    if not checks:
+        return guess
+    while not fits(guess):
+        if guess == unit:
+            return 0
+        guess = max(unit, int(guess * 0.9) // unit * unit)
+    if checks > 1 and guess > first:  # Two sizes measured: the line through them, checked.
+        slope = (known[guess]["total"] - known[first]["total"]) / (guess - first)
+        intercept = known[first]["total"] - slope * first
+        better = int((hbm - intercept) / slope) // unit * unit if slope > 0 else guess
+        if better > guess and fits(better):
+            guess = better
+    return guess
 
 
 def compile_decode(
@@ -593,7 +621,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = report(experiment, built, counting, args.topology, len(devices))
     if args.find_max_batch:
         print("searching the largest global batch that fits:")
-        result["max_batch"] = find_max_batch(experiment, devices, args.topology)
+        result["max_batch"] = find_max_batch(experiment, devices, args.topology, built)
     if args.decode_batch:
         frames = args.decode_frames or experiment.lengths["target_frames"]
         text = args.decode_text_tokens or experiment.lengths["decoder_input_tokens"]

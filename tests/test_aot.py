@@ -9,6 +9,7 @@ import json
 import types
 
 import gin
+import jax
 import pytest
 
 from spectron_jax import aot
@@ -113,3 +114,34 @@ def test_v4_devices_share_their_chip():
     per_device = aot.device_figures("v4:2x2x1", 8)
     assert per_device.hbm_bytes == aot.CHIPS["v4"].hbm_bytes / 2
     assert aot.device_figures("v5e:2x4", 8) == aot.CHIPS["v5e"]
+
+
+def test_find_max_batch_predicts_from_one_compile_and_checks_with_another(monkeypatch):
+    """Memory 2 GiB fixed + 0.25 GiB per example (+ 1 GiB of temporaries that do not grow) on a
+    16 GiB v5e chip: 52 examples fit (2 + 1 + 13); a prediction errs low, never high."""
+    compiled_at = []
+
+    def fake_compile(experiment, devices, batch):
+        compiled_at.append(batch)
+        stats = types.SimpleNamespace(
+            argument_size_in_bytes=2 * aot.GiB,
+            output_size_in_bytes=0,
+            alias_size_in_bytes=0,
+            temp_size_in_bytes=(1 + 0.25 * batch) * aot.GiB,
+            generated_code_size_in_bytes=0,
+        )
+        return aot.Compiled(None, types.SimpleNamespace(memory_analysis=lambda: stats), batch)
+
+    monkeypatch.setattr(aot, "compile_train_step", fake_compile)
+    experiment = types.SimpleNamespace(grad_accum_steps=1)
+    devices = jax.devices()[:4]  # The default mesh: data 4, so batches are multiples of 4.
+    assert aot.find_max_batch(experiment, devices, "v5e:2x2", checks=1) == 28
+    assert compiled_at == [4, 28]  # One prediction from the first compile, checked.
+    compiled_at.clear()
+    assert aot.find_max_batch(experiment, devices, "v5e:2x2", checks=0) == 28
+    assert compiled_at == [4]
+    compiled_at.clear()
+    assert aot.find_max_batch(experiment, devices, "v5e:2x2") == 52
+    assert compiled_at == [4, 28, 52]  # The line through two sizes is exact here.
+    built = fake_compile(experiment, devices, 400)  # Far too big: the search steps down.
+    assert 0 < aot.find_max_batch(experiment, devices, "v5e:2x2", built) <= 52

@@ -1,0 +1,124 @@
+"""The AOT table of docs/TPU.md: the base and 1B experiments on five single-host TPU slices.
+
+    PYTHONPATH=. python scripts/aot_table.py --ref base=docs/aot/base_v5p64.json \\
+        --ref 1b=docs/aot/1b_v5p8.json --out docs/aot/table.json
+
+Per row, one compile of the train step (`spectron_jax.aot`) at a per-device batch that fits
+(base 4, 1B 8), with the config's fsdp capped at the slice's device count and the data axis
+taking the rest: memory per device, collective bytes per step, and the largest batch predicted
+from that compile (`aot.find_max_batch` without its checking compiles: temporaries taken as
+proportional to the batch, so it errs low). FLOPs are read from each config's reference report
+(`--ref`, a full `python -m spectron_jax.aot --json` run, which also compiles the unrolled
+step): the compiled / model ratio is a property of the program, not of the slice, and the HBM
+bytes per device are scaled by the per-device batch. The roofline then uses each slice's chip
+figures (`aot.CHIPS`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import gin
+
+from spectron_jax import aot
+
+CONFIGS = {"base": ("gin/spectron_base.gin", 4), "1b": ("gin/spectron_1b.gin", 8)}
+TOPOLOGIES = ("v4:2x2x1", "v5e:2x4", "v5e:4x4", "v5p:2x2x1", "v6e:2x4")
+
+
+def row(name: str, topology: str, ref: dict) -> dict:
+    gin_file, per_device = CONFIGS[name]
+    devices = aot.tpu_devices(topology)
+    n = len(devices)
+    bindings = [f"BATCH_SIZE={per_device * n}", "create_mesh.data=-1"]
+    experiment = aot.read_experiment([gin_file], bindings, None)
+    fsdp = min(int(gin.query_parameter("create_mesh.fsdp")), n)
+    experiment = aot.read_experiment([gin_file], bindings + [f"create_mesh.fsdp={fsdp}"], None)
+    started = time.perf_counter()
+    built = aot.compile_train_step(experiment, devices, experiment.batch_size)
+    seconds = time.perf_counter() - started
+    chip = aot.device_figures(topology, n)
+    mem = aot.memory(built.compiled)
+    collectives = aot.collective_bytes(built.compiled.as_text())
+    model = aot.model_flops(experiment, built.batch_size) / n
+    ratio = ref["flops_per_chip"]["ratio"]
+    ref_per_device = ref["global_batch"] / ref["chips"]
+    hbm_bytes = ref["roofline"]["hbm_s"] * ref["chip"]["hbm_bandwidth"]
+    times = {
+        "compute_s": ratio * model / chip.peak_flops,
+        "hbm_s": hbm_bytes * (per_device / ref_per_device) / chip.hbm_bandwidth,
+        "collectives_s": sum(collectives.values()) / chip.ici_bandwidth,
+    }
+    step = max(times.values())
+    max_batch = aot.find_max_batch(experiment, devices, topology, built, checks=0)
+    return {
+        "config": name,
+        "topology": topology,
+        "devices": n,
+        "mesh": dict(built.trainer.mesh.shape),
+        "global_batch": built.batch_size,
+        "memory_per_device": mem,
+        "hbm_per_device": chip.hbm_bytes,
+        "fits": mem["total"] <= chip.hbm_bytes,
+        "max_batch_predicted": max_batch,
+        "flops_ratio_from_reference": ratio,
+        "collective_bytes_per_device": collectives,
+        "roofline": {**times, "step_s": step, "mfu": model / (step * chip.peak_flops)},
+        "replicated_params_over_1MiB": aot.replicated_params(built.trainer),
+        "compile_s": seconds,
+    }
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| config | slice | mesh | batch | memory / device | largest batch (predicted) | "
+        "compiled / model FLOPs | all-reduce + all-gather / device | predicted step | MFU |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        mesh = " x ".join(f"{k} {v}" for k, v in r["mesh"].items() if v > 1)
+        coll = r["collective_bytes_per_device"]
+        lines.append(
+            f"| {r['config']} | {r['topology']} | {mesh} | {r['global_batch']} | "
+            f"{r['memory_per_device']['total'] / aot.GiB:.2f} of "
+            f"{r['hbm_per_device'] / aot.GiB:.0f} GiB | {r['max_batch_predicted']} | "
+            f"{r['flops_ratio_from_reference']:.3f} | "
+            f"{(coll['all-reduce'] + coll['all-gather']) / aot.GiB:.2f} GiB | "
+            f"{1e3 * r['roofline']['step_s']:.0f} ms | {100 * r['roofline']['mfu']:.1f}% |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ref", action="append", required=True, help="CONFIG=report.json")
+    parser.add_argument("--out", required=True, help="the rows as JSON (and .md beside it)")
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--topologies", default=",".join(TOPOLOGIES))
+    args = parser.parse_args()
+    refs = {}
+    for item in args.ref:
+        key, path = item.split("=", 1)
+        with open(path) as f:
+            refs[key] = json.load(f)
+    rows = []
+    for name in args.configs.split(","):
+        for topology in args.topologies.split(","):
+            rows.append(row(name, topology, refs[name]))
+            r = rows[-1]
+            print(
+                f"{name} {topology}: {r['memory_per_device']['total'] / aot.GiB:.2f} GiB, "
+                f"max batch {r['max_batch_predicted']}, MFU {100 * r['roofline']['mfu']:.1f}% "
+                f"(compiled in {r['compile_s']:.0f} s)",
+                flush=True,
+            )
+            with open(args.out, "w") as f:
+                json.dump(rows, f, indent=1, default=float)
+            with open(args.out.rsplit(".", 1)[0] + ".md", "w") as f:
+                f.write(markdown(rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()
