@@ -8,7 +8,12 @@ Prints (all measured in this one run, on this machine):
    bare and through `SpectronFeatureConverter` + batching;
 2. frames/s of `log_mel_tf`, `log_mel_jax` (jitted) and `log_mel_numpy` on one batch
    float32[B, T] of synthetic utterances, and of `librosa.feature.melspectrogram` (+ log) on the
-   same batch, with each one's speed as a ratio to librosa's (> 1 = faster than librosa).
+   same batch, with each one's speed as a ratio to librosa's (> 1 = faster than librosa);
+3. the base experiment's preprocessing at its feature lengths (w2v-BERT fbank of a 3 s prompt,
+   target log-mel of 2048 frames, tokenisation; LJSpeech utterances tiled to 35 s) on one core,
+   the cores a host needs for the predicted step (`--step_s`, `--examples_per_host`), the same
+   examples read from a feature cache, and the time to the first batch after a deep resume from
+   each (`--base_only` runs this part alone).
 """
 
 from __future__ import annotations
@@ -156,14 +161,131 @@ def log_mel_comparison(batch: int, repeats: int) -> None:
         )
 
 
+LJSPEECH = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data"
+)
+
+
+def base_task_throughput(num_examples: int, step_s: float, examples_per_host: int) -> None:
+    """The base experiment's preprocessing at its feature lengths, on one CPU core: 3 s of
+    w2v-BERT fbank (the prompt), the target log-mel of 32 s (2000 of 2048 frames) and the
+    tokenised transcript, through the base model's feature converter; then the same examples
+    read back from a feature cache, and resuming deep into each."""
+    import csv
+    import tempfile
+
+    import gin
+    import seqio
+    import tensorflow as tf
+
+    import spectron_tasks  # noqa: F401 - registers the tasks
+    from spectron_jax import aot, feature_cache
+    from spectron_jax.audio import io as audio_io
+    from spectron_jax.audio.fbank import W2vBertFbankConfig
+    from spectron_tasks import speech_task
+
+    folder = os.path.join(LJSPEECH, "ljspeech_subset")
+    if not os.path.isdir(folder):
+        print(f"base task: skipped ({folder} not found)")
+        return
+    with open(os.path.join(folder, "metadata.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))[:8]
+    rate, prompt_s, total_s = 16_000, 3.0, 35.0
+    raw = []
+    for row in rows:  # Each utterance tiled to 35 s: LibriSpeech's longest, the base lengths.
+        wave, _ = audio_io.load_audio(os.path.join(folder, row["path"]), rate)
+        wave = np.resize(wave, int(total_s * rate)).astype(np.float32)
+        raw.append((wave[: int(prompt_s * rate)], wave[int(prompt_s * rate) :], row["text"]))
+
+    def source_fn(split, shuffle_files, seed=None):
+        del split, shuffle_files, seed
+        ds = tf.data.Dataset.from_tensor_slices(
+            {
+                "prompt_audio": np.stack([r[0] for r in raw]),
+                "continuation_audio": np.stack([r[1] for r in raw]),
+                "prompt_text": [r[2] for r in raw],
+                "continuation_text": [""] * len(raw),
+                "speaker_id": ["LJ"] * len(raw),
+                "id": [f"lj{i}" for i in range(len(raw))],
+            }
+        )
+        return ds.repeat()
+
+    name = "benchmark_base_lengths"
+    speech_task.register_speech_task(
+        name,
+        seqio.FunctionDataSource(source_fn, splits=["train"]),
+        front_end=W2vBertFbankConfig(),
+    )
+    experiment = aot.read_experiment(["gin/spectron_base.gin"], [], None)
+    lengths = dict(gin.query_parameter("%TASK_FEATURE_LENGTHS"))
+    ds = seqio.get_dataset(
+        name,
+        task_feature_lengths=lengths,
+        dataset_split="train",
+        shuffle=False,
+        num_epochs=None,
+        feature_converter=experiment.model.feature_converter(),
+    )
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = 1  # One core: the per-core rate.
+    options.threading.max_intra_op_parallelism = 1
+    ds = ds.with_options(options)
+    iterator = ds.as_numpy_iterator()
+    first = next(iterator)
+    start = time.perf_counter()
+    examples = [next(iterator) for _ in range(num_examples)]
+    per_core = num_examples / (time.perf_counter() - start)
+    shapes = {k: list(v.shape) for k, v in first.items() if v.dtype.kind in "biuf"}
+    print(f"base task preprocessing, one core: {per_core:.1f} examples/s; example {shapes}")
+    need = examples_per_host / step_s
+    print(
+        f"  a host feeding {examples_per_host} examples every {step_s * 1e3:.0f} ms needs "
+        f"{need:.0f} examples/s = {need / per_core:.1f} cores of this machine"
+    )
+    with tempfile.TemporaryDirectory() as cache_dir:
+        feature_cache.write(iter([first, *examples]), cache_dir, num_examples + 1)
+        make = feature_cache.dataset_fn(cache_dir, batch_size=8)
+        batches = make(0, 1, 0, 0)
+        next(batches)
+        start = time.perf_counter()
+        count = 0
+        while count < 4 * num_examples:
+            count += len(next(batches)["target_frames"])
+        cached = count / (time.perf_counter() - start)
+        print(
+            f"  from a feature cache, one core: {cached:.0f} examples/s ({cached / per_core:.0f}x)"
+        )
+        for skip in (0, 1000, 100_000):
+            start = time.perf_counter()
+            next(iter(make(0, 1, 0, skip)))
+            print(
+                f"  cache: first batch after skipping {skip} batches in "
+                f"{1e3 * (time.perf_counter() - start):.1f} ms"
+            )
+    for skip in (0, 10, 40):  # The seqio path replays each skipped batch's preprocessing.
+        start = time.perf_counter()
+        next(ds.batch(8).skip(skip).as_numpy_iterator())
+        print(
+            f"  seqio: first batch after skipping {skip} batches in "
+            f"{time.perf_counter() - start:.1f} s"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--num_examples", type=int, default=600)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--base_only", action="store_true", help="only the base-lengths part")
+    parser.add_argument("--base_examples", type=int, default=40)
+    parser.add_argument("--step_s", type=float, default=0.135, help="predicted base step")
+    parser.add_argument("--examples_per_host", type=int, default=16, help="base: 256 / 16")
     args = parser.parse_args()
-    pipeline_throughput(args.num_examples, args.batch)
-    log_mel_comparison(args.batch, args.repeats)
+    if not args.base_only:
+        pipeline_throughput(args.num_examples, args.batch)
+        log_mel_comparison(args.batch, args.repeats)
+    base_task_throughput(args.base_examples, args.step_s, args.examples_per_host)
 
 
 if __name__ == "__main__":
