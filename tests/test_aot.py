@@ -145,3 +145,18 @@ def test_find_max_batch_predicts_from_one_compile_and_checks_with_another(monkey
     assert compiled_at == [4, 28, 52]  # The line through two sizes is exact here.
     built = fake_compile(experiment, devices, 400)  # Far too big: the search steps down.
     assert 0 < aot.find_max_batch(experiment, devices, "v5e:2x2", built) <= 52
+
+
+def test_the_1b_experiment_reads_with_its_slice_and_the_public_model_sizes():
+    try:
+        experiment = aot.read_experiment(["gin/spectron_1b.gin"], [], None)
+        fsdp = gin.query_parameter("create_mesh.fsdp")
+        sources = gin.query_parameter("train.init_checkpoints")
+    finally:
+        gin.clear_config()
+    config = experiment.model.config
+    assert experiment.batch_size == 256 and fsdp == 4  # v5p-8: 4 chips, all on fsdp.
+    assert config.encoder_frozen and config.decoder.remat == "full"
+    assert (config.decoder.num_layers, config.decoder.d_model) == (26, 1152)  # Gemma 3 1B.
+    assert experiment.lengths["target_frames"] == 2048
+    assert len(sources) == 2  # The encoder and the decoder, each from its own checkpoint.
