@@ -116,6 +116,7 @@ def dot_product_attention(
     *,
     scale: float,
     logit_softcap: float | None = None,
+    query_chunk: int = 0,
 ) -> jax.Array:
     """Grouped-query attention, softmax in float32.
 
@@ -125,11 +126,35 @@ def dot_product_attention(
       mask: bool[B, 1, T, S].
       scale: multiplies q.k (after the product, as HF does).
       logit_softcap: tanh soft cap of the scaled scores (Gemma 2 style), None for none.
+      query_chunk: > 0 and < T: attend `query_chunk` queries at a time (`lax.map`, each chunk
+        rematerialised in the backward pass), so the float32 scores held at once are
+        [B, H, query_chunk, S] instead of [B, H, T, S]; the same result (each query still sees
+        all its keys in one softmax).
 
     Returns:
       float[B, T, H, Dh] in q's dtype. A query with no allowed key gets the mean of the values
       (finite), never NaN.
     """
+    b, t, h, dh = q.shape
+    if not 0 < query_chunk < t:
+        return _attend(q, k, v, mask, scale, logit_softcap)
+    n = -(-t // query_chunk)
+    pad = n * query_chunk - t  # Padded queries see no key; their rows are cut off below.
+    q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad), (0, 0)))
+    q_chunks = q.reshape(b, n, query_chunk, h, dh).swapaxes(0, 1)  # [n, B, C, H, Dh]
+    mask_chunks = mask.reshape(b, 1, n, query_chunk, -1).transpose(2, 0, 1, 3, 4)
+
+    @jax.checkpoint
+    def chunk(args):
+        return _attend(args[0], k, v, args[1], scale, logit_softcap)
+
+    out = jax.lax.map(chunk, (q_chunks, mask_chunks))  # [n, B, C, H, Dh]
+    return out.swapaxes(0, 1).reshape(b, n * query_chunk, h, dh)[:, :t]
+
+
+def _attend(q, k, v, mask, scale, logit_softcap):
+    """`dot_product_attention` of all queries at once (shapes as there)."""
     b, t, h, dh = q.shape
     kv = k.shape[2]
     q = q.reshape(b, t, kv, h // kv, dh)  # [B,T,H,Dh] -> [B,T,K,G,Dh]
@@ -171,6 +196,7 @@ class Attention(nn.Module):
       qkv_bias: biases on q/k/v (Qwen2, Llama attention_bias).
       out_bias: bias on the output projection (Llama attention_bias).
       logit_softcap: tanh cap of the scores, None for none.
+      query_chunk: attend this many queries at a time (see `dot_product_attention`); 0: all.
       dropout_rate: dropout on the output.
       dtype, param_dtype: compute and parameter dtypes.
     """
@@ -188,6 +214,7 @@ class Attention(nn.Module):
     qkv_bias: bool = False
     out_bias: bool = False
     logit_softcap: float | None = None
+    query_chunk: int = 0
     dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -258,7 +285,13 @@ class Attention(nn.Module):
             mask = mask & _where(local, window, True)
 
         out = dot_product_attention(
-            q, k, v, mask, scale=self.scale, logit_softcap=self.logit_softcap
+            q,
+            k,
+            v,
+            mask,
+            scale=self.scale,
+            logit_softcap=self.logit_softcap,
+            query_chunk=0 if decode else self.query_chunk,
         )
         out = nn.Dropout(self.dropout_rate)(out, deterministic=deterministic)
         out = DenseGeneral(

@@ -48,6 +48,9 @@ class DecoderConfig:
       tie_embeddings: the output head is the embedding table.
       final_logit_softcap: tanh cap of the output logits, None for none.
       attn_logit_softcap: tanh cap of the attention scores, None for none.
+      attention_query_chunk: attend this many queries at a time in training and prefill (the
+        float32 scores of a layer shrink from [B, H, T, S] to [B, H, chunk, S]; the same
+        result); 0: all at once.
       qkv_bias: biases on q/k/v (Qwen2; Llama with attention_bias).
       attn_out_bias: bias on the attention output projection (Llama attention_bias).
       mlp_bias: biases in the MLP (Llama mlp_bias).
@@ -83,6 +86,7 @@ class DecoderConfig:
     tie_embeddings: bool = False
     final_logit_softcap: float | None = None
     attn_logit_softcap: float | None = None
+    attention_query_chunk: int = 0
     qkv_bias: bool = False
     attn_out_bias: bool = False
     mlp_bias: bool = False
@@ -182,6 +186,7 @@ class DecoderBlock(nn.Module):
             qkv_bias=c.qkv_bias,
             out_bias=c.attn_out_bias,
             logit_softcap=c.attn_logit_softcap,
+            query_chunk=c.attention_query_chunk,
             dropout_rate=c.dropout_rate,
             dtype=dtype,
             param_dtype=pdtype,
