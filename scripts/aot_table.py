@@ -28,11 +28,11 @@ CONFIGS = {"base": ("gin/spectron_base.gin", 4), "1b": ("gin/spectron_1b.gin", 8
 TOPOLOGIES = ("v4:2x2x1", "v5e:2x4", "v5e:4x4", "v5p:2x2x1", "v6e:2x4")
 
 
-def row(name: str, topology: str, ref: dict) -> dict:
+def row(name: str, topology: str, ref: dict, extra: list[str]) -> dict:
     gin_file, per_device = CONFIGS[name]
     devices = aot.tpu_devices(topology)
     n = len(devices)
-    bindings = [f"BATCH_SIZE={per_device * n}", "create_mesh.data=-1"]
+    bindings = [f"BATCH_SIZE={per_device * n}", "create_mesh.data=-1", *extra]
     experiment = aot.read_experiment([gin_file], bindings, None)
     fsdp = min(int(gin.query_parameter("create_mesh.fsdp")), n)
     experiment = aot.read_experiment([gin_file], bindings + [f"create_mesh.fsdp={fsdp}"], None)
@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="the rows as JSON (and .md beside it)")
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--topologies", default=",".join(TOPOLOGIES))
+    parser.add_argument("--gin_binding", action="append", default=[], help="for every row")
     args = parser.parse_args()
     refs = {}
     for item in args.ref:
@@ -106,7 +107,7 @@ def main() -> None:
     rows = []
     for name in args.configs.split(","):
         for topology in args.topologies.split(","):
-            rows.append(row(name, topology, refs[name]))
+            rows.append(row(name, topology, refs[name], args.gin_binding))
             r = rows[-1]
             print(
                 f"{name} {topology}: {r['memory_per_device']['total'] / aot.GiB:.2f} GiB, "
