@@ -172,14 +172,13 @@ def base_task_throughput(num_examples: int, step_s: float, examples_per_host: in
     tokenised transcript, through the base model's feature converter; then the same examples
     read back from a feature cache, and resuming deep into each."""
     import csv
-    import tempfile
 
     import gin
     import seqio
     import tensorflow as tf
 
     import spectron_tasks  # noqa: F401 - registers the tasks
-    from spectron_jax import aot, feature_cache
+    from spectron_jax import aot
     from spectron_jax.audio import io as audio_io
     from spectron_jax.audio.fbank import W2vBertFbankConfig
     from spectron_tasks import speech_task
@@ -243,14 +242,24 @@ def base_task_throughput(num_examples: int, step_s: float, examples_per_host: in
         f"  a host feeding {examples_per_host} examples every {step_s * 1e3:.0f} ms needs "
         f"{need:.0f} examples/s = {need / per_core:.1f} cores of this machine"
     )
+    cache_and_resume(ds, [first, *examples], per_core)
+
+
+def cache_and_resume(ds, examples: list, per_core: float) -> None:
+    """The examples read back from a feature cache, and the first batch after deep resumes from
+    the cache and from the seqio dataset `ds`."""
+    import tempfile
+
+    from spectron_jax import feature_cache
+
     with tempfile.TemporaryDirectory() as cache_dir:
-        feature_cache.write(iter([first, *examples]), cache_dir, num_examples + 1)
+        feature_cache.write(iter(examples), cache_dir, len(examples))
         make = feature_cache.dataset_fn(cache_dir, batch_size=8)
         batches = make(0, 1, 0, 0)
         next(batches)
         start = time.perf_counter()
         count = 0
-        while count < 4 * num_examples:
+        while count < 4 * len(examples):
             count += len(next(batches)["target_frames"])
         cached = count / (time.perf_counter() - start)
         print(

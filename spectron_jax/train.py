@@ -12,6 +12,7 @@ Usage:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -118,8 +119,9 @@ class _Preemption:
                 flag = flag or multihost_utils.reached_preemption_sync_point(step)
             except RuntimeError:  # preemption service not enabled (e.g. CPU)
                 pass
-            # Every process must stop at the same step, or the save deadlocks.
-            flag = bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
+            # Every process must stop at the same step, or the save deadlocks; a notice to any
+            # one of them (not only process 0) stops them all.
+            flag = bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
         return flag
 
     def restore(self):
@@ -168,13 +170,11 @@ def train(
       lost_process_timeout_s: a process silent this long ends the others, naming it and the
         last checkpoint (`multihost.Watchdog`), instead of a hang in the next collective.
       seed: seeds parameter init, dropout and the data order.
-      batch_callback: called with (step, host batch) for every batch trained on (tests).
-      clock: seconds for the time-based checkpoint policy (tests); default monotonic.
+      batch_callback, clock: for tests: called with (step, host batch) for every batch trained
+        on; seconds for the time-based checkpoint policy (default monotonic).
 
-    Returns the final state and metrics.
-
-    Raises:
-      trainer_lib.NonFiniteLossError: the loss became NaN/Inf (see `_Run.train_step`).
+    Returns the final state and metrics; raises `trainer_lib.NonFiniteLossError` when the loss
+    becomes NaN/Inf (see `_Run.train_step`).
     """
     model_dir_path = epath.Path(model_dir)
     model_dir_path.mkdir(parents=True, exist_ok=True)
@@ -192,14 +192,16 @@ def train(
     # Checked before anything is built: a bad init config fails in seconds.
     sources = checkpoints.init_sources(init_checkpoint, init_subtrees, init_checkpoints)
     init_rng, dropout_rng = jax.random.split(jax.random.key(seed))
-    start = _start(trainer, ckpt, dataset_fn, mesh, seed, init_rng, sources)
-    logger.info("train: %s; at step %d of %d", start.source, start.step, num_steps)
-    # Compile once (AOT); XLA's FLOP count of the step feeds MFU.
-    flops = summaries.compiled_flops(trainer.compile_train_step(start.first_batch, dropout_rng))
+    # From here on SIGTERM saves and stops (a notice during start-up or compile included).
+    preemption = _Preemption()
+    with _undone_on_error(preemption.restore, stop_watching):
+        start = _start(trainer, ckpt, dataset_fn, mesh, seed, init_rng, sources)
+        logger.info("train: %s; at step %d of %d", start.source, start.step, num_steps)
+        # Compile once (AOT); XLA's FLOP count of the step feeds MFU.
+        flops = summaries.compiled_flops(trainer.compile_train_step(start.first_batch, dropout_rng))
     writer = summaries.MetricsLogger(str(model_dir_path / "tensorboard"), num_steps, flops)
     run = _Run(model, trainer, ckpt, writer, str(model_dir_path), dataset_fn, start.state)
     run.step, run.consumed, run.seed = start.step, start.consumed, start.seed
-    preemption = _Preemption()
     last: dict[str, float] = {}
     try:
         run.writer.start(run.step)
@@ -228,6 +230,17 @@ def train(
         run.writer.close()
         stop_watching()
     return TrainResult(run.state, run.step, last, start.source, str(ckpt.directory))
+
+
+@contextlib.contextmanager
+def _undone_on_error(*undo: Callable[[], None]) -> Iterator[None]:
+    """Runs `undo` (the SIGTERM handler, the watchdog) if the block raises, then re-raises."""
+    try:
+        yield
+    except BaseException:
+        for fn in undo:
+            fn()
+        raise
 
 
 def _watch_peers(ckpt: checkpoints.Checkpointer, timeout_s: float) -> Callable[[], None]:

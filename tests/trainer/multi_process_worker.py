@@ -1,13 +1,13 @@
 """One process of the multi-process CPU training tests (tests/trainer/test_multi_process.py).
 
 Usage: python multi_process_worker.py PROCESS_ID NUM_PROCESSES PORT MODEL_DIR NUM_STEPS OUT
-         [--die-at-step N] [--lost-timeout S]
+         [--die-at-step N] [--sigterm-at-step N] [--lost-timeout S]
 
 8 CPU devices in all, split evenly over the processes, one mesh data 2 x fsdp 4 across them
 (the same global mesh whatever the process count). Writes OUT.json (the example ids this process
 read per step, the loss, the step) and, on process 0, OUT.npz (the parameters, gathered).
 With --die-at-step the process SIGKILLs itself when it reaches that step (after the
-checkpoints before it).
+checkpoints before it); with --sigterm-at-step it sends itself SIGTERM there.
 """
 
 import argparse
@@ -18,6 +18,7 @@ ARGS = argparse.ArgumentParser()
 for name in ("process_id", "num_processes", "port", "model_dir", "num_steps", "out"):
     ARGS.add_argument(name)
 ARGS.add_argument("--die-at-step", type=int, default=None)
+ARGS.add_argument("--sigterm-at-step", type=int, default=None)
 ARGS.add_argument("--lost-timeout", type=float, default=30.0)
 A = ARGS.parse_args()
 NUM_PROCESSES = int(A.num_processes)
@@ -48,6 +49,8 @@ def main():
         if A.die_at_step is not None and step + 1 == A.die_at_step:
             print(f"process {process_id}: SIGKILL at step {step + 1}", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
+        if A.sigterm_at_step is not None and step + 1 == A.sigterm_at_step:
+            os.kill(os.getpid(), signal.SIGTERM)  # A preemption notice to this process alone.
         seen[step + 1] = batch["example_id"].tolist()
 
     result = train.train(

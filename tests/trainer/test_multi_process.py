@@ -110,6 +110,19 @@ def test_a_killed_process_ends_the_others_with_a_message_and_the_restart_resumes
         np.testing.assert_array_equal(resumed[k], straight[k], err_msg=k)
 
 
+@pytest.mark.slow
+def test_a_preemption_notice_to_any_one_process_stops_them_all_at_one_step(tmp_path):
+    run = tmp_path / "run"
+    procs = _start(2, run, 50, tmp_path / "term", [(), ("--sigterm-at-step", "3")])
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, text in zip(procs, outs, strict=True):
+        assert p.returncode == 0, text[-3000:]
+    results = [json.loads((tmp_path / f"term.{i}.json").read_text()) for i in range(2)]
+    stopped = {r["step"] for r in results}
+    assert len(stopped) == 1 and 3 <= stopped.pop() < 50  # Together, long before the end.
+    assert checkpoints.Checkpointer(run / "checkpoints").steps()[-1] == results[0]["step"]
+
+
 class _FakeStore:
     """The coordination service's key-value store, as the watchdog uses it."""
 
