@@ -2,6 +2,14 @@
 
     python benchmarks/scan_layers.py                         # depths 4, 8, 16, 26
     python benchmarks/scan_layers.py --depths 4,8 --steps 3
+    python benchmarks/scan_layers.py --scanned_remat none     # both layouts keep everything
+
+Each layout runs under its own remat policy (both stacks, decoder and encoder): by default the
+scanned one saves matmul outputs only (`save_dots`) and the unrolled one keeps everything
+(`none`), the fastest policy of each on XLA:CPU. A scan's backward pass reads what the forward
+loop stacked per layer; under `none` that is every elementwise intermediate (written in the
+loop, read back later), where the unrolled step lets XLA fuse them away, so `none` makes the
+scanned step slower than `save_dots`, whose recomputed elementwise work fuses into the backward.
 
 The model is `gin/models/tiny.gin` (its Gemma-3-style decoder: local and global layers mixed, so
 the scanned stack feeds a per-layer flag) with `--depths` decoder layers, on the embedded
@@ -25,13 +33,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_step  # noqa: E402
 
 from spectron_jax import config as config_lib  # noqa: E402
+from spectron_jax.nn import stack  # noqa: E402
 
 LAYOUT = (64, 48, 160)  # prefix, text and frame slots of the embedded default
 
 
-def measure(depth: int, scan: bool, steps: int, batch: int) -> tuple[float, float]:
+def measure(depth: int, scan: bool, remat: str, steps: int, batch: int) -> tuple[float, float]:
     """(compile seconds, median step seconds) of the tiny config at `depth` decoder layers."""
-    config = config_lib.with_stacks(train_step.gin_spectron_config(), scan_layers=scan)
+    config = train_step.gin_spectron_config()
+    config = config_lib.with_stacks(config, scan_layers=scan, remat=remat)
     config = dataclasses.replace(
         config, decoder=dataclasses.replace(config.decoder, num_layers=depth)
     )
@@ -44,13 +54,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--depths", default="4,8,16,26")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--scanned_remat", default="save_dots", choices=stack.REMAT_POLICIES)
+    parser.add_argument("--unrolled_remat", default="none", choices=stack.REMAT_POLICIES)
     args = parser.parse_args(argv)
     depths = [int(d) for d in args.depths.split(",")]
+    remats = {True: args.scanned_remat, False: args.unrolled_remat}
+    print(f"remat: scanned {remats[True]}, unrolled {remats[False]}")
     rows = {}
     print(f"{'layers':>6} {'layout':>9} {'compile s':>10} {'step s':>8}")
     for depth in depths:
         for scan in (True, False):
-            rows[depth, scan] = measure(depth, scan, args.steps, args.batch)
+            rows[depth, scan] = measure(depth, scan, remats[scan], args.steps, args.batch)
             layout = "scanned" if scan else "unrolled"
             compile_s, step_s = rows[depth, scan]
             print(f"{depth:>6} {layout:>9} {compile_s:>10.2f} {step_s:>8.3f}", flush=True)

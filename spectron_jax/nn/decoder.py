@@ -58,7 +58,8 @@ class DecoderConfig:
       dtype: compute dtype name ("float32", "bfloat16").
       param_dtype: parameter dtype name.
       remat: what the backward pass keeps of each block, one of `stack.REMAT_POLICIES`
-        ("none", "full", "minimal", "save_attention_proj", "offload"; older "dots" = "minimal").
+        ("none", "full", "minimal", "save_dots", "save_attention_proj", "offload"; older "dots" =
+        "minimal").
       scan_layers: run the blocks under `nn.scan` (parameters under `layers` with a leading layer
         axis; compile time independent of depth); False unrolls them (`layers_0`, ...).
       max_position_embeddings: longest sequence the positions were trained for (HF's key of the

@@ -11,6 +11,8 @@ Remat policies (what the backward pass keeps from the forward pass of each block
   none                 everything (no recomputation);
   full                 nothing: the block is recomputed from its input;
   minimal              matmul outputs without batch dimensions (weights-only products);
+  save_dots            every matmul output; the elementwise work between them is recomputed
+                       (inside a scan this beats "none", which stacks every intermediate);
   save_attention_proj  the attention's q/k/v/out projections (named with `checkpoint_name`);
   offload              those projections, moved to pinned host memory (TPU/GPU backends).
 """
@@ -28,7 +30,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import NamedSharding, PartitionSpec
 
 LAYER_AXIS = "layers"
-REMAT_POLICIES = ("none", "full", "minimal", "save_attention_proj", "offload")
+REMAT_POLICIES = ("none", "full", "minimal", "save_dots", "save_attention_proj", "offload")
 # Names that `checkpoint_name` gives the attention projections (save_attention_proj, offload).
 ATTENTION_PROJ_NAMES = ("query_proj", "key_proj", "value_proj", "attention_out")
 # The names of older checkpoints' configs, kept readable.
@@ -55,6 +57,8 @@ def remat_policy(remat: str) -> Any:
         return None
     if remat == "minimal":
         return policies.dots_with_no_batch_dims_saveable
+    if remat == "save_dots":
+        return policies.dots_saveable
     if remat == "save_attention_proj":
         return policies.save_only_these_names(*ATTENTION_PROJ_NAMES)
     if remat == "offload":

@@ -151,7 +151,7 @@ def test_remat_policies_give_same_values_and_gradients(scan_layers):
         return jax.jit(jax.value_and_grad(loss))(params)
 
     ref_loss, ref_grad = loss_and_grad("none")
-    for remat in ("full", "minimal", "save_attention_proj", "offload"):
+    for remat in ("full", "minimal", "save_dots", "save_attention_proj", "offload"):
         got_loss, got_grad = loss_and_grad(remat)
         np.testing.assert_allclose(got_loss, ref_loss, rtol=1e-6)
         for a, b in zip(jax.tree.leaves(got_grad), jax.tree.leaves(ref_grad), strict=True):
