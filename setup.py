@@ -73,6 +73,15 @@ setuptools.setup(
         # `python -m spectron_jax.aot`: libtpu compiles for TPU slices on any machine (no TPU
         # needed; tests/test_aot.py skips without it). jax's own extra pins the matching libtpu.
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+        # What T5X (from source, README "Using T5X") imports beyond this project's own
+        # dependencies; T5X itself, airio and jestimator go on PYTHONPATH as source checkouts.
+        "t5x": [
+            "grain>=0.2.12,<0.3",
+            "chex>=0.1.90",
+            "fiddle>=0.3,<0.4",
+            "jaxtyping>=0.2.30",
+            "cached-property>=1.5",
+        ],
     },
     entry_points={
         "console_scripts": [

@@ -349,8 +349,11 @@ def _nest(path: str, value: Any) -> dict[str, Any]:
 
 
 def _pytree_dir(source: str | epath.Path) -> epath.Path:
-    """A plain Orbax PyTree directory, or the `state` item of the newest step of a model dir."""
+    """A plain Orbax PyTree directory, the `state` item of a step dir, or that of the newest step
+    of a model dir."""
     source = epath.Path(source)
+    if (source / "state" / "_METADATA").exists():  # a step dir (ours, or T5X's checkpoint_N)
+        return source / "state"
     if (source / "_METADATA").exists() or (source / "_CHECKPOINT_METADATA").exists():
         if (source / "state").is_dir():
             return source / "state"

@@ -63,7 +63,8 @@ class LoadedModel:
 # ------------------------------------------------------------------------------------------------
 
 
-def _abstract_params(model: Any) -> PyTree:
+def abstract_params(model: Any) -> PyTree:
+    """`ShapeDtypeStruct`s of the model's unboxed parameters (nothing allocated)."""
     import flax.linen as nn
 
     from spectron_jax.models import example_input_shapes
@@ -100,7 +101,7 @@ def load_model_for_inference(
     vocabulary = checkpoints.read_vocabulary(step_dir, vocabulary_file)
     model = SpectronModel(config, vocabulary)
     model.check_vocabulary_fits()
-    abstract = _abstract_params(model)
+    abstract = abstract_params(model)
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: sharding, abstract)
     params = checkpoints.load_subtrees(

@@ -5,8 +5,10 @@ T5X is not on PyPI, so the project never depends on it. This module is split in 
 * Pure helpers (importable anywhere, no t5x): `params_axes_from_logical` builds the legacy
   `params_axes` collection T5X's partitioner reads from our flax logical-partitioning metadata;
   `t5x_logical_axis_rules` translates our rules table (mesh axes data/fsdp/tensor) to T5X's
-  two-axis mesh (data/model); `frozen_encoder_transform` keeps a frozen encoder out of an optax
-  optimizer; `spectron_t5x_model` / `spectron_t5x_optimizer` are the gin entry points.
+  two-axis mesh (data/model); `spectron_t5x_model` / `spectron_t5x_optimizer` (the built-in
+  trainer's optimizer: a frozen encoder gets no updates and no state) and
+  `learning_rate_schedule` (the same schedule, for T5X's summaries) are the gin entry points;
+  `t5x_predictions` gives T5X the text ids it decodes and the frames as aux.
 * `SpectronT5XModel`, a `t5x.models.BaseModel` subclass, built on first attribute access
   (`t5x_adapter.SpectronT5XModel`); without t5x that access raises an ImportError that says how
   to install it.
@@ -14,7 +16,7 @@ T5X is not on PyPI, so the project never depends on it. This module is split in 
 How T5X consumes it (t5x/train.py, train_state.py, partitioning.py):
   - `model.FEATURE_CONVERTER_CLS(pack=..., use_custom_packing_ops=...)` builds the converter,
     so the instance binds the wrapped model's `reduction_factor`, `bos_id`, `eos_id` (which come
-    from its vocabulary). `pack` must be False (fixed-slot layout): gin/t5x/spectron_tiny.gin
+    from its vocabulary). `pack` must be False (fixed-slot layout): gin/t5x/spectron_tiny_train.gin
     sets `DatasetConfig.pack = False`.
   - `input_vocabulary` / `output_vocabulary` are the wrapped model's vocabulary (a seqio one).
   - `get_initial_variables` returns `{"params": arrays, "params_axes": {..."<name>_axes":
@@ -28,13 +30,14 @@ Known limitations (T5X semantics that differ from spectron_jax.train):
   - T5X sums gradients over microbatches while our loss is a batch mean: with
     `Trainer.num_microbatches = k` the effective learning rate is k times larger.
   - The learning-rate schedule lives inside the optax optimizer (`OptaxWrapper` ignores T5X's
-    `learning_rate_fn`, which is then only logged).
+    `learning_rate_fn`, which is only logged): bind `learning_rate_fn` to
+    `learning_rate_schedule` with the same optimizer config so the log shows the true rate.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax
@@ -51,6 +54,7 @@ from spectron_jax.config import SpectronConfig
 from spectron_jax.feature_converter import SpectronFeatureConverter
 from spectron_jax.models import INPUT_TYPES, SpectronModel
 from spectron_jax.partitioning import LOGICAL_AXIS_RULES
+from spectron_jax.trainer import OptimizerConfig, clamped_to_run, make_optimizer, make_schedule
 
 PyTree = Any
 
@@ -191,25 +195,6 @@ def t5x_logical_axis_rules(
     return tuple(out)
 
 
-def frozen_labels(model: SpectronModel) -> Callable[[PyTree], PyTree]:
-    """`optax.multi_transform` label function: "frozen" under a frozen encoder, else "trainable"."""
-
-    def labels(params: PyTree) -> PyTree:
-        return jax.tree.map(lambda t: "trainable" if t else "frozen", model.trainable_mask(params))
-
-    return labels
-
-
-def frozen_encoder_transform(
-    inner: optax.GradientTransformation, model: SpectronModel
-) -> optax.GradientTransformation:
-    """`inner` on the trainable parameters; zero updates and no optimizer state for a frozen
-    encoder (the same partition as the built-in trainer, `SpectronModel.trainable_mask`)."""
-    return optax.multi_transform(
-        {"trainable": inner, "frozen": optax.set_to_zero()}, frozen_labels(model)
-    )
-
-
 def _numpy_dtype(dtype: Any) -> Any:
     """T5X passes the dataset's `tf.DType`s as `input_types`; jnp wants numpy dtypes."""
     return np.dtype(getattr(dtype, "as_numpy_dtype", dtype))
@@ -225,21 +210,35 @@ def _import_t5x():
     return t5x_models, t5x_metrics, t5x_optimizers
 
 
-def spectron_t5x_optimizer(
-    config: SpectronConfig, inner: optax.GradientTransformation, clip_norm: float | None = None
-):
-    """A T5X `OptaxWrapper`: global-norm clipping, then `inner` with the frozen encoder kept out.
+def learning_rate_schedule(optimizer: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    """The optimizer's learning rate by step, for T5X's summaries (gin:
+    `trainer.Trainer.learning_rate_fn`): the schedule `spectron_t5x_optimizer` trains with."""
+    return make_schedule(clamped_to_run(optimizer, total_steps))
+
+
+def spectron_t5x_optimizer(config: SpectronConfig, optimizer: OptimizerConfig, total_steps: int):
+    """A T5X `OptaxWrapper` around the built-in trainer's optimizer.
 
     Args:
       config: the model config (says whether the encoder is frozen).
-      inner: the optax optimizer (its schedule included) for the trainable parameters.
-      clip_norm: clip gradients to this global norm first (over trainable parameters only,
-        as in the built-in trainer); None = no clipping.
+      optimizer: `trainer.OptimizerConfig` (AdamW or Adafactor, warm-up and decay, clipping over
+        the trainable parameters), fitted to the run by `trainer.clamped_to_run`.
+      total_steps: the run's steps (T5X's TRAIN_STEPS): decay ends there, warm-up takes at most
+        half of it.
     """
     _, _, t5x_optimizers = _import_t5x()
-    if clip_norm is not None:
-        inner = optax.chain(optax.clip_by_global_norm(clip_norm), inner)
-    return t5x_optimizers.OptaxWrapper(frozen_encoder_transform(inner, SpectronModel(config)))
+    optimizer = clamped_to_run(optimizer, total_steps)
+    model = SpectronModel(config)
+    return t5x_optimizers.OptaxWrapper(make_optimizer(optimizer, model.trainable_mask))
+
+
+def t5x_predictions(
+    outputs: Mapping[str, jax.Array], aux: Mapping[str, jax.Array]
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`SpectronModel.predict_batch_with_aux` output in T5X's shape: the text ids int32[B, L]
+    (transcript then continuation, EOS-terminated: what T5X decodes with the vocabulary) as the
+    prediction, the frames float32[B, T, n_mels] beside the lengths in aux."""
+    return outputs["text_tokens"], {"frames": outputs["frames"], **aux}
 
 
 def spectron_t5x_model(
@@ -248,6 +247,7 @@ def spectron_t5x_model(
     vocabulary: Any = None,
     bos_id: int | None = None,
     eos_id: int | None = None,
+    decode_options: Mapping[str, Any] | None = None,
 ):
     """Gin entry point (dynamic registration): `MODEL = @t5x_adapter.spectron_t5x_model()`.
 
@@ -258,10 +258,12 @@ def spectron_t5x_model(
       optimizer_def: a T5X optimizer (`spectron_t5x_optimizer`).
       vocabulary: a seqio vocabulary (`spectron.vocabulary()`); default the shipped tiny one.
       bos_id, eos_id: override the vocabulary's special ids.
+      decode_options: `decoding.DecodeConfig` fields for predict / infer / eval (max_text_tokens,
+        max_frames, temperature, ...); T5X passes none of its own.
     """
     vocabulary = vocabulary if vocabulary is not None else vocabularies.default_vocabulary()
     model = SpectronModel(config, vocabulary, bos_id=bos_id, eos_id=eos_id)
-    return _adapter_class()(model, optimizer_def)
+    return _adapter_class()(model, optimizer_def, decode_options)
 
 
 def _check_task_vocabulary(cfg: Any, feature_converter_cls: Any) -> None:
@@ -316,13 +318,15 @@ def _adapter_class() -> type:
           module: the flax `Spectron` module.
           FEATURE_CONVERTER_CLS: the wrapped model's converter (T5X calls it with `pack=` and
             `use_custom_packing_ops=`).
+          decode_options: `decoding.DecodeConfig` fields of every prediction.
         """
 
         FEATURE_CONVERTER_CLS = SpectronFeatureConverter
 
-        def __init__(self, spectron: SpectronModel, optimizer_def: Any):
+        def __init__(self, spectron: SpectronModel, optimizer_def: Any, decode_options=None):
             super().__init__(optimizer_def=optimizer_def)
             self.spectron = spectron
+            self.decode_options = dict(decode_options or {})
             self.config = spectron.config
             self.module = spectron.module
 
@@ -385,7 +389,10 @@ def _adapter_class() -> type:
             return loss, self._metrics(loss, metrics, batch)
 
         def predict_batch_with_aux(self, params, batch, rng=None, **decode_options):
-            return self.spectron.predict_batch_with_aux(params, batch, rng=rng, **decode_options)
+            """(text ids int32[B, L], {"frames", "text_lengths", "frame_lengths", ...})."""
+            options = {**self.decode_options, **decode_options}
+            outputs, aux = self.spectron.predict_batch_with_aux(params, batch, rng=rng, **options)
+            return t5x_predictions(outputs, aux)
 
         def score_batch(self, params, batch, return_intermediates=False):
             if return_intermediates:
@@ -395,8 +402,56 @@ def _adapter_class() -> type:
     return SpectronT5XModel
 
 
+@functools.cache
+def _partitioner_class() -> type:
+    try:
+        from t5x import partitioning as t5x_partitioning
+    except ImportError as e:
+        raise ImportError(_T5X_INSTALL_HINT) from e
+
+    class SpectronPjitPartitioner(t5x_partitioning.PjitPartitioner):
+        """T5X's `PjitPartitioner` whose CPU mesh follows `num_partitions`.
+
+        On CPUs T5X's `default_mesh` ignores `num_partitions` and puts every local device on
+        "model" (a (processes, local devices) mesh), so 8 fake devices split the model 8 ways
+        (the tiny model's 2 KV heads cannot). Here CPU devices form (devices / num_partitions,
+        num_partitions) over ("data", "model"), as T5X does on GPUs and TPUs; other backends,
+        and an explicit model_parallel_submesh or ici_mesh_shape, keep T5X's mesh.
+        """
+
+        @functools.cached_property
+        def mesh(self) -> jax.sharding.Mesh:
+            devices = jax.devices(self._backend)
+            explicit = self._model_parallel_submesh or self._ici_mesh_shape
+            if devices[-1].platform != "cpu" or explicit:
+                return t5x_partitioning.default_mesh(
+                    self._num_partitions,
+                    self._model_parallel_submesh,
+                    self._backend,
+                    self._ici_mesh_shape,
+                    self._dcn_mesh_shape,
+                )
+            model = self._num_partitions or 1
+            if len(devices) % model:
+                raise ValueError(
+                    f"num_partitions={model} does not divide the {len(devices)} devices"
+                )
+            return jax.sharding.Mesh(np.asarray(devices).reshape(-1, model), ("data", "model"))
+
+    return SpectronPjitPartitioner
+
+
+def pjit_partitioner(**kwargs: Any) -> Any:
+    """Gin entry point: `partitioner = @t5x_adapter.pjit_partitioner()`, T5X's PjitPartitioner
+    arguments (`SpectronPjitPartitioner`: the same, with a CPU mesh that follows
+    num_partitions)."""
+    return _partitioner_class()(**kwargs)
+
+
 def __getattr__(name: str) -> Any:
     # PEP 562: the subclass exists only where t5x imports; everything else works without it.
     if name == "SpectronT5XModel":
         return _adapter_class()
+    if name == "SpectronPjitPartitioner":
+        return _partitioner_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,6 +13,7 @@ init is `jit(..., out_shardings=...)` so every parameter is born on its shard.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -111,16 +112,24 @@ def make_schedule(config: OptimizerConfig) -> optax.Schedule:
     return optax.join_schedules([warmup, decay], [warm])
 
 
-def make_optimizer(config: OptimizerConfig, trainable: PyTree) -> optax.GradientTransformation:
-    """Optimizer over trainable leaves; frozen leaves get `set_to_zero` and no state.
+def clamped_to_run(config: OptimizerConfig, total_steps: int) -> OptimizerConfig:
+    """`config` fitted to a run of `total_steps`: decay ends at the last step and warm-up takes
+    at most half the run (a 4-step smoke test of a 200-warm-up config then still decays)."""
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    warmup = min(config.warmup_steps, total_steps // 2)
+    if warmup != config.warmup_steps:
+        logging.warning(
+            "warmup_steps %d clamped to %d for a run of %d steps",
+            config.warmup_steps,
+            warmup,
+            total_steps,
+        )
+    return dataclasses.replace(config, warmup_steps=warmup, decay_steps=total_steps)
 
-    Args:
-      config: optimizer settings.
-      trainable: bool tree matching the params (True = trained).
 
-    Returns:
-      An optax transformation whose updates are zero on frozen leaves.
-    """
+def inner_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
+    """The optimizer of `config` with its schedule and clipping, for every leaf it is given."""
     schedule = make_schedule(config)
     if config.name == "adamw":
         inner = optax.adamw(
@@ -136,8 +145,29 @@ def make_optimizer(config: OptimizerConfig, trainable: PyTree) -> optax.Gradient
         raise ValueError(f"unknown optimizer {config.name!r}; use adamw or adafactor")
     if config.clip_norm > 0:
         inner = optax.chain(optax.clip_by_global_norm(config.clip_norm), inner)
-    labels = jax.tree.map(lambda t: "trainable" if t else "frozen", trainable)
-    return optax.multi_transform({"trainable": inner, "frozen": optax.set_to_zero()}, labels)
+    return inner
+
+
+def make_optimizer(config: OptimizerConfig, trainable: PyTree) -> optax.GradientTransformation:
+    """Optimizer over trainable leaves; frozen leaves get `set_to_zero` and no state.
+
+    Args:
+      config: optimizer settings.
+      trainable: bool tree matching the params (True = trained), or a function of the params
+        giving one.
+
+    Returns:
+      An optax transformation whose updates are zero on frozen leaves.
+    """
+
+    def labels(params):
+        mask = trainable(params) if callable(trainable) else trainable
+        return jax.tree.map(lambda t: "trainable" if t else "frozen", mask)
+
+    return optax.multi_transform(
+        {"trainable": inner_optimizer(config), "frozen": optax.set_to_zero()},
+        labels if callable(trainable) else labels(None),
+    )
 
 
 def trainable_mask(model: Any, params: PyTree) -> PyTree:

@@ -103,6 +103,7 @@ def register(
     vocabulary=None,
 ):
     """Registers the spoken-QA task; the folder is read only when the dataset is built."""
+    import spectron_jax.evaluation.seqio_metrics as seqio_metrics
     from spectron_jax.audio.spectrogram import SpectrogramConfig
     from spectron_tasks import speech_task
 
@@ -113,4 +114,5 @@ def register(
         front_end=front_end,
         target_config=target_config,
         vocabulary=vocabulary,
+        metric_fns=(seqio_metrics.qa_metrics,),
     )

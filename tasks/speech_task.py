@@ -24,6 +24,7 @@ from typing import Any
 import seqio
 import tensorflow as tf
 
+import spectron_jax.evaluation.seqio_metrics as seqio_metrics
 from spectron_jax.audio.spectrogram import SpectrogramConfig, log_mel_tf
 from spectron_tasks import vocabulary as vocabulary_lib
 
@@ -129,7 +130,7 @@ def register_speech_task(
     target_config: SpectrogramConfig | None = None,
     vocabulary: seqio.Vocabulary | None = None,
     extra_preprocessors: Sequence[Callable] = (),
-    metric_fns: Sequence[Callable] = (),
+    metric_fns: Sequence[Callable] = (seqio_metrics.text_metrics,),
     overwrite: bool = True,
 ) -> seqio.Task:
     """Registers a Spectron task whose `source` yields raw examples (module docstring).
@@ -142,7 +143,9 @@ def register_speech_task(
       target_config: the continuation (target) spectrogram; default `SpectrogramConfig()`.
       vocabulary: default: the tiny SentencePiece model shipped in `spectron_jax/assets`.
       extra_preprocessors: applied to raw examples before featurisation (e.g. a length filter).
-      metric_fns: seqio metric functions.
+      metric_fns: seqio metric functions of {"transcript", "continuation"} targets and
+        predictions (`seqio_metrics.postprocess` makes them): `text_metrics` by default,
+        `qa_metrics` for spoken QA.
       overwrite: replace an existing task of that name (re-registration with other configs).
 
     Returns:
@@ -161,5 +164,6 @@ def register_speech_task(
             *speech_preprocessors(front_end, target_config, vocabulary),
         ],
         output_features=output_features(vocabulary),
+        postprocess_fn=seqio_metrics.postprocess,
         metric_fns=list(metric_fns),
     )

@@ -30,7 +30,7 @@ GEMMA_SPECIAL_PIECES = {
     "unk_piece": "<unk>",
 }
 # Numbers stay below 20 (max_start 15 + 2 + 2 words): every transcript word is one piece, so each
-# transcript is exactly 2 ids and fits gin/t5x/spectron_tiny.gin's feature lengths.
+# transcript is exactly 2 ids and fits gin/t5x/spectron_tiny_train.gin's feature lengths.
 SPLIT_SIZES = {"num_train": 16, "num_validation": 8, "num_validation_unseen": 4}
 MAX_START = 15
 # Model features saved from the first batch T5X trains on.

@@ -29,6 +29,10 @@ FLOORS = {
     "spectron_jax.multihost": 1,
     "spectron_jax.feature_converter": 1,
     "spectron_jax.convert": 1,
+    # Scores plain strings (numpy, jiwer): low enough for the seqio tasks to register them.
+    "spectron_jax.evaluation.metrics": 3,
+    "spectron_jax.evaluation.text": 3,
+    "spectron_jax.evaluation.seqio_metrics": 3,
     "spectron_jax.decoding": 2,
     "spectron_jax.flops": 2,
     "spectron_jax.trainer": 2,
@@ -43,6 +47,7 @@ FLOORS = {
     "spectron_jax.data": 5,
     "spectron_jax.feature_cache": 6,
     "spectron_jax.inference": 5,
+    "spectron_jax.convert.t5x_checkpoint": 5,
     "spectron_jax.evaluation": 6,
     "spectron_jax.evaluation.judges": 6,
     "spectron_jax.pretraining.ctc_evaluation": 6,

@@ -29,12 +29,12 @@ from flax import traverse_util
 from flax.linen import partitioning as flax_partitioning
 from jax.sharding import PartitionSpec
 
-from spectron_jax import partitioning, t5x_adapter
+from spectron_jax import partitioning, t5x_adapter, trainer
 from spectron_jax.feature_converter import SpectronFeatureConverter
 from spectron_jax.models import SpectronModel, example_input_shapes
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-T5X_GIN = "gin/t5x/spectron_tiny.gin"
+T5X_GIN = "gin/t5x/spectron_tiny_train.gin"
 T5X_PRETRAIN_GIN = "t5x/configs/runs/pretrain.gin"
 T5X_SKIP_REASON = (
     "t5x is not importable: set SPECTRON_T5X_SRC to the sources of t5x, airio and jestimator "
@@ -49,19 +49,6 @@ def _t5x_src_paths() -> list[str]:
 
 # In-process tests import t5x from the same sources the t5x.train runs use.
 sys.path.extend(p for p in _t5x_src_paths() if p not in sys.path)
-# Names only T5X defines (ours and those of its runs/pretrain.gin): skipped when t5x is absent.
-T5X_SELECTORS = [
-    "partitioning.PjitPartitioner",
-    "partitioning.standard_logical_axis_rules",
-    "utils.DatasetConfig",
-    "utils.CheckpointConfig",
-    "utils.SaveCheckpointConfig",
-    "utils.RestoreCheckpointConfig",
-    "utils.create_learning_rate_scheduler",
-    "trainer.Trainer",
-    "gin_utils.summarize_gin_config",
-    "train_script.train",
-]
 
 
 def _t5x_importable() -> bool:
@@ -96,36 +83,20 @@ def _t5x_subprocess_env(*extra_paths, **variables) -> dict[str, str]:
     paths = [*_t5x_src_paths(), *map(str, extra_paths)]
     if os.environ.get("PYTHONPATH"):
         paths.append(os.environ["PYTHONPATH"])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths), **variables)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
     env.pop("XLA_FLAGS", None)
+    env.update(variables)
     return env
 
 
-def _run_t5x_train(tmp_path, *args, extra_paths=(), **variables) -> str:
-    """Runs `python -m t5x.train` on gin/t5x/spectron_tiny.gin for 2 steps of batch 4 into
-    `tmp_path / "model"`, with `args` after the defaults; returns its log and asserts success
-    and a step-2 checkpoint."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "t5x.train",
-        f"--gin_search_paths={REPO}",
-        f"--gin_file={T5X_GIN}",
-        f"--gin.MODEL_DIR='{tmp_path / 'model'}'",
-        "--gin.TRAIN_STEPS=2",
-        "--gin.WARMUP_STEPS=1",
-        "--gin.BATCH_SIZE=4",
-        "--gin.train.eval_period=2",
-        "--gin.train.eval_steps=1",
-        "--gin.utils.SaveCheckpointConfig.period=2",
-        *args,
-    ]
+def _run_t5x(module: str, gin_file: str, log, *args, extra_paths=(), **variables) -> str:
+    """Runs `python -m <module> --gin_file=<gin_file> <args>` from the repo root with output to
+    `log` (readable when the run fails); returns the log after asserting exit code 0."""
+    cmd = [sys.executable, "-m", module, f"--gin_search_paths={REPO}", f"--gin_file={gin_file}"]
     env = _t5x_subprocess_env(*extra_paths, **variables)
-    # Output to a file, readable when the run fails.
-    log = tmp_path / "t5x_train.log"
     with open(log, "w") as out:
         proc = subprocess.run(
-            cmd,
+            [*cmd, *args],
             cwd=REPO,
             env=env,
             stdout=out,
@@ -133,8 +104,30 @@ def _run_t5x_train(tmp_path, *args, extra_paths=(), **variables) -> str:
             stdin=subprocess.DEVNULL,
             timeout=1200,
         )
-    text = log.read_text()
+    text = pathlib.Path(log).read_text()
     assert proc.returncode == 0, text[-4000:]
+    return text
+
+
+def _run_t5x_train(tmp_path, *args, extra_paths=(), **variables) -> str:
+    """Runs `python -m t5x.train` on gin/t5x/spectron_tiny_train.gin for 2 steps of batch 4 into
+    `tmp_path / "model"`, with `args` after the defaults; returns its log and asserts success
+    and a step-2 checkpoint."""
+    text = _run_t5x(
+        "t5x.train",
+        T5X_GIN,
+        tmp_path / "t5x_train.log",
+        f"--gin.MODEL_DIR='{tmp_path / 'model'}'",
+        "--gin.TRAIN_STEPS=2",
+        "--gin.BATCH_SIZE=4",
+        "--gin.train.eval_period=2",
+        "--gin.train.eval_steps=1",
+        "--gin.utils.SaveCheckpointConfig.period=2",
+        "--gin.seqio.Evaluator.num_examples=4",
+        *args,
+        extra_paths=extra_paths,
+        **variables,
+    )
     checkpoints = sorted(p.name for p in (tmp_path / "model").glob("checkpoint_*"))
     assert "checkpoint_2" in checkpoints, (checkpoints, text[-2000:])
     return text
@@ -263,7 +256,13 @@ def test_t5x_param_shardings_equal_ours(abstract_variables, fsdp):
         assert theirs == mine, path
 
 
-def test_frozen_encoder_transform_keeps_encoder_out():
+_CONSTANT_ADAMW = trainer.OptimizerConfig(
+    learning_rate=1e-2, warmup_steps=0, decay="constant", clip_norm=0.0
+)
+
+
+def test_optimizer_from_the_params_keeps_a_frozen_encoder_out():
+    """What T5X's OptaxWrapper gets: the labels come from the params when it initialises."""
     model = SpectronModel(_tiny_config(encoder_frozen=True))
     # trainable_mask looks at the top-level component only: small arrays under the real names.
     rng = np.random.default_rng(0)
@@ -276,7 +275,7 @@ def test_frozen_encoder_transform_keeps_encoder_out():
         }
         for top in ("encoder", "connector", "decoder", "pre_net", "post_net")
     }
-    tx = t5x_adapter.frozen_encoder_transform(optax.adamw(1e-2), model)
+    tx = trainer.make_optimizer(_CONSTANT_ADAMW, model.trainable_mask)
     state = tx.init(params)
     updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
     for top, sub in updates.items():
@@ -290,37 +289,69 @@ def test_frozen_encoder_transform_keeps_encoder_out():
     assert all(is_masked(x) for x in jax.tree.leaves(adam.mu["encoder"], is_leaf=is_masked))
     assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(adam.mu["decoder"]))
     # With a trainable encoder, every component moves.
-    tx = t5x_adapter.frozen_encoder_transform(optax.adamw(1e-2), SpectronModel(_tiny_config()))
+    tx = trainer.make_optimizer(_CONSTANT_ADAMW, SpectronModel(_tiny_config()).trainable_mask)
     updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
     assert float(jnp.abs(updates["encoder"]["dense"]["kernel"]).max()) > 0
 
 
-def _parse_t5x_gin(tmp_path, bindings=()):
-    """Parses gin/t5x/spectron_tiny.gin; T5X's pretrain.gin comes from SPECTRON_T5X_SRC or the
-    installed t5x when found, else from a stand-in that declares the macros T5X's file declares
-    as required."""
-    root = _t5x_gin_root()
-    search = [str(REPO)]
-    if root:
-        search.insert(0, root)
-    else:
-        stub = tmp_path / "t5x" / "configs" / "runs"
-        stub.mkdir(parents=True)
-        (stub / "pretrain.gin").write_text(
-            "MIXTURE_OR_TASK_NAME = %gin.REQUIRED\nTASK_FEATURE_LENGTHS = %gin.REQUIRED\n"
-            "TRAIN_STEPS = %gin.REQUIRED\nMODEL_DIR = %gin.REQUIRED\nBATCH_SIZE = 128\n"
-            "USE_CACHED_TASKS = True\n"
-        )
-        search.insert(0, str(tmp_path))
-    gin.clear_config()
-    for path in search:
-        gin.add_config_file_search_path(path)
-    gin.parse_config_files_and_bindings(
-        [T5X_GIN],
-        [f"MODEL_DIR = '{tmp_path / 'model'}'", *bindings],
-        # `train_script` is __main__ (t5x.train when run for real, pytest here).
-        skip_unknown=["train_script.train"] if _t5x_importable() else T5X_SELECTORS,
+# Stand-ins for the t5x names T5X's run files and ours bind, where t5x is not importable.
+_T5X_STUB_MODULES = {
+    "partitioning": ("PjitPartitioner", "standard_logical_axis_rules"),
+    "utils": (
+        "DatasetConfig",
+        "CheckpointConfig",
+        "SaveCheckpointConfig",
+        "RestoreCheckpointConfig",
+        "create_learning_rate_scheduler",
+    ),
+    "trainer": ("Trainer",),
+    "gin_utils": ("summarize_gin_config",),
+}
+
+
+def _write_t5x_stub(root: pathlib.Path) -> None:
+    """A `t5x` package of do-nothing callables and a pretrain.gin declaring the macros T5X's
+    declares as required, so that gin's dynamic registration can import and bind them."""
+    package = root / "t5x"
+    (package / "configs" / "runs").mkdir(parents=True)
+    for folder in (package, package / "configs", package / "configs" / "runs"):
+        (folder / "__init__.py").write_text("")  # gin reads includes as package resources
+    for module, names in _T5X_STUB_MODULES.items():
+        body = "".join(f"def {name}(*args, **kwargs):\n    pass\n\n\n" for name in names)
+        (package / f"{module}.py").write_text(body)
+    (package / "configs" / "runs" / "pretrain.gin").write_text(
+        "MIXTURE_OR_TASK_NAME = %gin.REQUIRED\nTASK_FEATURE_LENGTHS = %gin.REQUIRED\n"
+        "TRAIN_STEPS = %gin.REQUIRED\nMODEL_DIR = %gin.REQUIRED\nBATCH_SIZE = 128\n"
+        "USE_CACHED_TASKS = True\n"
     )
+
+
+def _parse_t5x_gin(tmp_path, bindings=()):
+    """Parses gin/t5x/spectron_tiny_train.gin; T5X's pretrain.gin (and its modules) come from
+    SPECTRON_T5X_SRC or the installed t5x when found, else from `_write_t5x_stub` (removed from
+    sys.path and sys.modules again after parsing)."""
+    root = _t5x_gin_root()
+    stub = None
+    if root is None:
+        stub = tmp_path / "t5x_stub"
+        _write_t5x_stub(stub)
+        root = str(stub)
+        sys.path.insert(0, root)
+    gin.clear_config()
+    for path in (root, str(REPO)):
+        gin.add_config_file_search_path(path)
+    try:
+        gin.parse_config_files_and_bindings(
+            [T5X_GIN],
+            [f"MODEL_DIR = '{tmp_path / 'model'}'", *bindings],
+            # `train_script` is __main__ (t5x.train when run for real, pytest here).
+            skip_unknown=["train_script.train"],
+        )
+    finally:
+        if stub is not None:
+            sys.path.remove(root)
+            for name in [m for m in sys.modules if m == "t5x" or m.startswith("t5x.")]:
+                del sys.modules[name]
 
 
 def test_t5x_gin_parses_and_binds_our_parts(tmp_path):
@@ -343,13 +374,14 @@ def test_t5x_gin_parses_and_binds_our_parts(tmp_path):
         assert set(lengths) == set(SpectronFeatureConverter.TASK_FEATURES)
         assert lengths["continuation_frames"] % config.reduction_factor == 0
         assert gin.query_parameter("%USE_CACHED_TASKS") is False
-        # The optimizer's inner optax transformation builds from the gin bindings alone.
-        inner = gin.query_parameter("t5x_adapter.spectron_t5x_optimizer.inner")
-        tx = inner.scoped_configurable_fn()
-        assert isinstance(tx, optax.GradientTransformation)
-        schedule = gin.query_parameter("optax.adamw.learning_rate").scoped_configurable_fn()
-        warmup = gin.query_parameter("%WARMUP_STEPS")
-        np.testing.assert_allclose(schedule(warmup), gin.query_parameter("%LEARNING_RATE"))
+        # The optimizer config builds from the gin bindings alone; the logged schedule is the
+        # optimizer's, peak after the warm-up.
+        optimizer = gin.query_parameter("%OPTIMIZER").scoped_configurable_fn()
+        assert optimizer.learning_rate == gin.query_parameter("%LEARNING_RATE")
+        steps = gin.query_parameter("%TRAIN_STEPS")
+        schedule = t5x_adapter.learning_rate_schedule(optimizer, steps)
+        np.testing.assert_allclose(schedule(optimizer.warmup_steps), optimizer.learning_rate)
+        assert float(schedule(steps)) == pytest.approx(0.1 * optimizer.learning_rate)
     finally:
         gin.clear_config()
 
@@ -369,7 +401,7 @@ def test_adapter_class_without_t5x_says_how_to_get_it():
 
 
 def _t5x_model(config):
-    optimizer = t5x_adapter.spectron_t5x_optimizer(config, optax.adamw(1e-3), clip_norm=1.0)
+    optimizer = t5x_adapter.spectron_t5x_optimizer(config, trainer.OptimizerConfig(), 10)
     return t5x_adapter.spectron_t5x_model(config, optimizer)
 
 
@@ -439,11 +471,163 @@ def test_adapter_loss_and_score_match_the_model(tiny_config):
     assert jax.jit(model.score_batch)(params, batch).shape == (2,)
 
 
+TEXT_METRICS = (
+    "transcript_wer",
+    "transcript_exact_match",
+    "continuation_wer",
+    "continuation_word_accuracy",
+    "continuation_exact_match",
+)
+
+
+def _jsonl(path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines()]
+
+
+def _assert_infer_outputs(out_dir: pathlib.Path, mode: str, num_examples: int) -> list[dict]:
+    (path,) = out_dir.glob(f"spectron_synthetic_counting-{mode}.jsonl-*-of-*[0-9]")
+    rows = _jsonl(path)
+    assert len(rows) == num_examples
+    for row in rows:
+        assert set(row["inputs"]) == {"id", "prompt_text", "continuation_text"}, row["inputs"]
+    return rows
+
+
 @pytest.mark.slow
-def test_t5x_train_runs_the_gin_file(tmp_path):
-    """`python -m t5x.train --gin_file=gin/t5x/spectron_tiny.gin` for a few steps."""
+def test_t5x_train_eval_infer_with_the_gin_files(tmp_path):
+    """The documented short commands: t5x.train for 4 steps (the file's 200 warm-up steps
+    clamp to the run), t5x.eval (the tasks' seqio metrics), t5x.infer in predict_with_aux and
+    score modes (one JSON line per example)."""
     pytest.importorskip("t5x", reason=T5X_SKIP_REASON)
-    _run_t5x_train(tmp_path)
+    model_dir = tmp_path / "model"
+    train_log = _run_t5x(
+        "t5x.train",
+        T5X_GIN,
+        tmp_path / "train.log",
+        f"--gin.MODEL_DIR='{model_dir}'",
+        "--gin.TRAIN_STEPS=4",
+        "--gin.BATCH_SIZE=4",
+        "--gin.train.eval_period=4",
+        "--gin.train.eval_steps=1",
+        "--gin.utils.SaveCheckpointConfig.period=4",
+        "--gin.seqio.Evaluator.num_examples=8",
+    )
+    assert "warmup_steps 200 clamped to 2 for a run of 4 steps" in train_log
+    # The logged learning rate is the optimizer's: 1e-3 peak at step 2, cosine to 1e-4 at 4.
+    rates = [
+        float(line.split("learning_rate/current=")[1].split(",")[0])
+        for line in train_log.splitlines()
+        if "collection=train " in line and "learning_rate/current=" in line
+    ]
+    assert rates and all(1e-4 <= r <= 1e-3 for r in rates), rates
+    # Train-time infer_eval reported the metrics.
+    for name in TEXT_METRICS:
+        assert f"spectron_synthetic_counting/{name} at step 4" in train_log, name
+    checkpoint = model_dir / "checkpoint_4"
+    assert checkpoint.is_dir()
+
+    eval_dir = tmp_path / "eval"
+    _run_t5x(
+        "t5x.eval",
+        "gin/t5x/spectron_tiny_eval.gin",
+        tmp_path / "eval.log",
+        f"--gin.CHECKPOINT_PATH='{checkpoint}'",
+        f"--gin.EVAL_OUTPUT_DIR='{eval_dir}'",
+        "--gin.utils.DatasetConfig.batch_size=4",
+        "--gin.seqio.Evaluator.num_examples=8",
+    )
+    (metrics,) = _jsonl(eval_dir / "inference_eval" / "spectron_synthetic_counting-metrics.jsonl")
+    assert metrics["step"] == 4
+    for name in TEXT_METRICS:
+        assert 0.0 <= metrics[name] <= 10.0, (name, metrics)
+
+    for mode in ("predict_with_aux", "score"):
+        out_dir = tmp_path / f"infer_{mode}"
+        _run_t5x(
+            "t5x.infer",
+            "gin/t5x/spectron_tiny_infer.gin",
+            tmp_path / f"infer_{mode}.log",
+            f"--gin.CHECKPOINT_PATH='{checkpoint}'",
+            f"--gin.INFER_OUTPUT_DIR='{out_dir}'",
+            "--gin.utils.DatasetConfig.batch_size=4",
+            f"--gin.infer.mode='{mode}'",
+        )
+        rows = _assert_infer_outputs(out_dir, mode, num_examples=200)
+        if mode == "score":
+            assert all(np.isfinite(r["score"]) and r["score"] < 0 for r in rows)
+        else:
+            for row in rows:
+                assert isinstance(row["prediction"], str)
+                frames = np.asarray(row["aux"]["frames"])
+                assert frames.shape == (96, 80) and np.isfinite(frames).all()
+                assert 0 <= row["aux"]["frame_lengths"] <= 96
+    _convert_and_continue(checkpoint, tmp_path)
+
+
+def _convert_and_continue(checkpoint: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """The T5X checkpoint converted to the project's layout; `spectron continue` speaks from
+    it, and its parameters are the T5X ones bit for bit."""
+    import orbax.checkpoint as ocp
+    import soundfile
+
+    from spectron_jax import inference
+    from spectron_jax.convert import t5x_checkpoint
+
+    converted = tmp_path / "converted"
+    tiny_gin = str(REPO / "gin/models/tiny.gin")
+    args = ["--t5x", str(checkpoint), "--out", str(converted), "--gin_file", tiny_gin]
+    assert t5x_checkpoint.main(args) == 0
+    loaded = inference.load_model_for_inference(converted)
+    stored = ocp.PyTreeCheckpointer().restore(checkpoint / "state")["target"]
+    for path, leaf in jax.tree_util.tree_leaves_with_path(loaded.params):
+        want = stored
+        for key in path:
+            want = want[key.key]
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(want), err_msg=str(path))
+    prompt = tmp_path / "prompt.wav"
+    t = np.arange(16000) / 16000
+    soundfile.write(prompt, (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 16000)
+    out = tmp_path / "continued.wav"
+    cli = [sys.executable, "-m", "spectron_jax.cli", "continue", "--checkpoint", str(converted)]
+    proc = subprocess.run(
+        [*cli, "--audio", str(prompt), "--out", str(out), "--seconds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    audio, rate = soundfile.read(out)
+    assert rate > 0 and 0 < len(audio) <= 1.1 * rate and np.isfinite(audio).all()
+
+
+def test_partitioner_puts_cpu_devices_on_data():
+    """T5X's own CPU mesh puts all 8 fake devices on "model"; ours follows num_partitions."""
+    pytest.importorskip("t5x")
+    from t5x import partitioning as t5x_partitioning
+
+    rules = t5x_adapter.t5x_logical_axis_rules()
+    assert t5x_partitioning.PjitPartitioner(num_partitions=1).mesh.shape["model"] == 8
+    mesh = t5x_adapter.pjit_partitioner(num_partitions=1, logical_axis_rules=rules).mesh
+    assert dict(mesh.shape) == {"data": 8, "model": 1}
+    mesh = t5x_adapter.pjit_partitioner(num_partitions=2, logical_axis_rules=rules).mesh
+    assert dict(mesh.shape) == {"data": 4, "model": 2}
+    with pytest.raises(ValueError, match="num_partitions=3 does not divide the 8 devices"):
+        t5x_adapter.pjit_partitioner(num_partitions=3).mesh  # noqa: B018
+
+
+@pytest.mark.slow
+def test_t5x_train_on_8_devices(tmp_path):
+    """t5x.train with the gin file on 8 fake CPU devices, batch 8 over data: trains, evaluates
+    (loss and seqio metrics) and checkpoints."""
+    pytest.importorskip("t5x", reason=T5X_SKIP_REASON)
+    text = _run_t5x_train(
+        tmp_path,
+        "--gin.BATCH_SIZE=8",
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    )
+    assert "spectron_synthetic_counting/transcript_wer at step 2" in text
 
 
 # ------------------------------------------------------------------------------------------------
@@ -495,7 +679,7 @@ def test_adapter_takes_special_ids_from_a_gemma_vocabulary(tiny_config, gemma_vo
 
     vocab = vocabularies.vocabulary(gemma_vocab_path)
     assert vocab.tokenizer.bos_id() == GEMMA_BOS and vocab.tokenizer.unk_id() == GEMMA_UNK
-    optimizer = t5x_adapter.spectron_t5x_optimizer(tiny_config, optax.adamw(1e-3))
+    optimizer = t5x_adapter.spectron_t5x_optimizer(tiny_config, trainer.OptimizerConfig(), 10)
     model = t5x_adapter.spectron_t5x_model(tiny_config, optimizer, vocabulary=vocab)
     assert model.input_vocabulary is vocab and model.output_vocabulary is vocab
     assert model.spectron.vocabulary is vocab
@@ -516,7 +700,7 @@ def test_adapter_takes_special_ids_from_a_gemma_vocabulary(tiny_config, gemma_vo
 
 @pytest.mark.slow
 def test_t5x_train_with_a_gemma_vocabulary_starts_batches_with_bos_2(tmp_path, gemma_vocab_path):
-    """gin/t5x/spectron_tiny.gin with the model's vocabulary overridden on the command line by a
+    """gin/t5x/spectron_tiny_train.gin with the model's vocabulary overridden on the command line by a
     Gemma-layout SentencePiece model and a task encoded with it: the model the gin file builds,
     its converter's batches and the batches t5x.train trains on all start with BOS 2."""
     pytest.importorskip("t5x", reason=T5X_SKIP_REASON)

@@ -148,6 +148,19 @@ def test_schedule_values():
         trainer_lib.make_schedule(trainer_lib.OptimizerConfig(decay="exp"))
 
 
+def test_schedule_clamped_to_a_short_run():
+    """200 warm-up steps against a 4-step run: warm-up takes half, the decay ends at step 4."""
+    cfg = trainer_lib.OptimizerConfig(learning_rate=1.0, warmup_steps=200, end_lr_fraction=0.1)
+    short = trainer_lib.clamped_to_run(cfg, 4)
+    assert (short.warmup_steps, short.decay_steps) == (2, 4)
+    sched = trainer_lib.make_schedule(short)
+    np.testing.assert_allclose([float(sched(s)) for s in (1, 2, 4)], [0.5, 1.0, 0.1], rtol=1e-5)
+    # A run longer than the warm-up keeps it.
+    assert trainer_lib.clamped_to_run(cfg, 1000).warmup_steps == 200
+    with pytest.raises(ValueError, match="total_steps"):
+        trainer_lib.clamped_to_run(cfg, 0)
+
+
 def test_clipping_bounds_the_update():
     # The trainable branch must be exactly clip -> AdamW: compare one update against optax.
     params = {"a": np.ones(4, np.float32)}
