@@ -409,8 +409,25 @@ def _partitioner_class() -> type:
     except ImportError as e:
         raise ImportError(_T5X_INSTALL_HINT) from e
 
+    class MeshSetFn(t5x_partitioning.PjittedFnWithContext):
+        """T5X's partitioned callable that also sets its mesh (`jax.set_mesh`).
+
+        T5X enters only the legacy `with Mesh(...)`, which Flax's `with_logical_constraint`
+        does not see: every activation constraint of the model would silently be dropped (XLA
+        then chooses activation shardings alone; see `partitioning.axis_rules`).
+        """
+
+        def __call__(self, *args, **kwargs):
+            with jax.set_mesh(self._mesh):
+                return super().__call__(*args, **kwargs)
+
+        def lower(self, *args, **kwargs):
+            with jax.set_mesh(self._mesh):
+                return super().lower(*args, **kwargs)
+
     class SpectronPjitPartitioner(t5x_partitioning.PjitPartitioner):
-        """T5X's `PjitPartitioner` whose CPU mesh follows `num_partitions`.
+        """T5X's `PjitPartitioner` whose CPU mesh follows `num_partitions` and whose partitioned
+        functions apply the model's activation sharding constraints (`MeshSetFn`).
 
         On CPUs T5X's `default_mesh` ignores `num_partitions` and puts every local device on
         "model" (a (processes, local devices) mesh), so 8 fake devices split the model 8 ways
@@ -438,13 +455,17 @@ def _partitioner_class() -> type:
                 )
             return jax.sharding.Mesh(np.asarray(devices).reshape(-1, model), ("data", "model"))
 
+        def partition(self, fn, in_axis_resources, out_axis_resources, **kwargs):
+            partitioned = super().partition(fn, in_axis_resources, out_axis_resources, **kwargs)
+            return MeshSetFn(partitioned._pjitted_fn, self.mesh, self._logical_axis_rules)
+
     return SpectronPjitPartitioner
 
 
 def pjit_partitioner(**kwargs: Any) -> Any:
     """Gin entry point: `partitioner = @t5x_adapter.pjit_partitioner()`, T5X's PjitPartitioner
-    arguments (`SpectronPjitPartitioner`: the same, with a CPU mesh that follows
-    num_partitions)."""
+    arguments (`SpectronPjitPartitioner`: the same, with a CPU mesh that follows num_partitions
+    and the model's activation constraints applied)."""
     return _partitioner_class()(**kwargs)
 
 

@@ -5,6 +5,7 @@ Importing this package registers every task with seqio's TaskRegistry:
 | task | splits | source |
 |---|---|---|
 | `spectron_synthetic_counting` | train, validation, validation_unseen_voices | eSpeak NG, offline |
+| `spectron_synthetic_counting_files` | the same | the same, from TFRecord shards (checkpointable) |
 | `spectron_fsdd_counting` | train, test (takes 0-4) | ../shared/data/fsdd |
 | `spectron_counting_down` | validation, validation_unseen_voices | eSpeak NG |
 | `spectron_counting_past_22` | validation, validation_unseen_voices | eSpeak NG |
@@ -29,6 +30,7 @@ from spectron_tasks import (
 )
 
 synthetic_counting.register()
+synthetic_counting.register("spectron_synthetic_counting_files", file_backed=True)
 fsdd_counting.register()
 counting_knowledge.register_all()
 llama_questions.register()

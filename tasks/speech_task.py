@@ -18,9 +18,11 @@ which is how other modules (and users) add their own tasks.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import seqio
 import tensorflow as tf
 
@@ -65,6 +67,48 @@ def _features_or_empty(waveform: tf.Tensor, fn: Callable, dim: int, n_fft: int) 
         lambda: tf.ensure_shape(fn(waveform), [None, dim]),
         lambda: tf.zeros([0, dim], tf.float32),
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# Raw examples as TFRecord files: a source whose tf.data iterator can be checkpointed (T5X's
+# `save_dataset=True` cannot save a generator-backed one).
+# ------------------------------------------------------------------------------------------------
+
+
+def _float_feature(x: np.ndarray) -> tf.train.Feature:
+    return tf.train.Feature(float_list=tf.train.FloatList(value=np.asarray(x, np.float32)))
+
+
+def _bytes_feature(text: str) -> tf.train.Feature:
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[text.encode("utf-8")]))
+
+
+def write_raw_tfrecords(paths: Sequence[str], examples: Iterable[Mapping[str, Any]]) -> None:
+    """Writes raw examples round-robin into `paths` (example i into paths[i % len(paths)]).
+
+    Each file is written as `<path>.tmp` and renamed when complete, so a killed writer never
+    leaves a short file under the final name.
+    """
+    writers = [tf.io.TFRecordWriter(p + ".tmp") for p in paths]
+    for i, ex in enumerate(examples):
+        feature = {k: _float_feature(ex[k]) for k in RAW_AUDIO_KEYS}
+        feature.update({k: _bytes_feature(ex[k]) for k in RAW_TEXT_KEYS})
+        example = tf.train.Example(features=tf.train.Features(feature=feature))
+        writers[i % len(writers)].write(example.SerializeToString())
+    for writer, path in zip(writers, paths, strict=True):
+        writer.close()
+        os.replace(path + ".tmp", path)
+
+
+def raw_tfrecord_dataset(paths: Sequence[str]) -> tf.data.Dataset:
+    """Raw examples of `write_raw_tfrecords` files, in file order, one file after another (graph
+    ops only: the iterator is checkpointable)."""
+    description = {
+        k: tf.io.FixedLenSequenceFeature([], tf.float32, allow_missing=True) for k in RAW_AUDIO_KEYS
+    }
+    description.update({k: tf.io.FixedLenFeature([], tf.string) for k in RAW_TEXT_KEYS})
+    ds = tf.data.TFRecordDataset(list(paths))
+    return ds.map(lambda r: tf.io.parse_single_example(r, description))
 
 
 def make_featurize(front_end: Any, target_config: SpectrogramConfig) -> Callable:

@@ -388,10 +388,62 @@ def make_source(config: SyntheticCountingConfig, cache_dir: str | None = None):
     )
 
 
+# Shards of the file-backed source: files are shuffled as a whole, so more shards mix more.
+RECORD_SHARDS = 16
+
+
+def _record_paths(cache_dir: str, config: SyntheticCountingConfig, split: str) -> list[str]:
+    root = os.path.dirname(_split_paths(cache_dir, config, split)[0])
+    return [
+        os.path.join(root, f"{split}.tfrecord-{i:05d}-of-{RECORD_SHARDS:05d}")
+        for i in range(RECORD_SHARDS)
+    ]
+
+
+def ensure_records(config: SyntheticCountingConfig, split: str, cache_dir: str) -> list[str]:
+    """The split's TFRecord shards (raw examples), written from the cached split if missing."""
+    from spectron_tasks import speech_task
+
+    paths = _record_paths(cache_dir, config, split)
+    if not all(map(os.path.exists, paths)):
+        data = load_split(config, split, cache_dir)
+
+        def examples():
+            for i, ex in enumerate(data.examples):
+                prompt, cont = data.waveforms(i)
+                yield {**ex, "prompt_audio": prompt, "continuation_audio": cont}
+
+        speech_task.write_raw_tfrecords(paths, examples())
+    return paths
+
+
+def make_file_source(config: SyntheticCountingConfig, cache_dir: str | None = None):
+    """Like `make_source`, read from TFRecord shards beside the cache (written on first use):
+    graph ops only, so a checkpoint can hold the data iterator's position (T5X's
+    `save_dataset=True`). `shuffle_files` permutes the shards with `seed`; the task's shuffle
+    buffer mixes within them."""
+    import seqio
+
+    from spectron_tasks import speech_task
+
+    def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None):
+        paths = ensure_records(config, _check_split(split), cache_dir or default_cache_dir())
+        if shuffle_files:
+            paths = [paths[i] for i in np.random.default_rng(seed).permutation(len(paths))]
+        return speech_task.raw_tfrecord_dataset(paths)
+
+    return seqio.FunctionDataSource(
+        dataset_fn,
+        splits=SPLITS,
+        num_input_examples={s: config.num_examples(s) for s in SPLITS},
+    )
+
+
 def register(
     name: str = "spectron_synthetic_counting",
     config: SyntheticCountingConfig | None = None,
     *,
+    file_backed: bool = False,
     cache_dir: str | None = None,
     front_end=None,
     target_config=None,
@@ -399,7 +451,8 @@ def register(
 ):
     """Registers a synthetic counting task; see `speech_task.register_speech_task` for the rest.
 
-    The corpus is synthesised at `target_config.sample_rate` (default 16 kHz).
+    The corpus is synthesised at `target_config.sample_rate` (default 16 kHz). `file_backed`
+    reads it from TFRecord shards (`make_file_source`) instead of a generator.
     """
     from spectron_jax.audio.spectrogram import SpectrogramConfig
     from spectron_tasks import speech_task
@@ -410,7 +463,7 @@ def register(
         config = dataclasses.replace(config, sample_rate=target_config.sample_rate)
     return speech_task.register_speech_task(
         name,
-        make_source(config, cache_dir),
+        (make_file_source if file_backed else make_source)(config, cache_dir),
         front_end=front_end,
         target_config=target_config,
         vocabulary=vocabulary,

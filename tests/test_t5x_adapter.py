@@ -35,6 +35,8 @@ from spectron_jax.models import SpectronModel, example_input_shapes
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 T5X_GIN = "gin/t5x/spectron_tiny_train.gin"
+# The task the train file reads (the file-backed variant: its data iterator is checkpointed).
+TRAIN_TASK = "spectron_synthetic_counting_files"
 T5X_PRETRAIN_GIN = "t5x/configs/runs/pretrain.gin"
 T5X_SKIP_REASON = (
     "t5x is not importable: set SPECTRON_T5X_SRC to the sources of t5x, airio and jestimator "
@@ -369,7 +371,7 @@ def test_t5x_gin_parses_and_binds_our_parts(tmp_path):
         )
         lengths = gin.query_parameter("%TASK_FEATURE_LENGTHS")
         task = gin.query_parameter("%MIXTURE_OR_TASK_NAME")
-        assert task == "spectron_synthetic_counting"
+        assert task == TRAIN_TASK
         assert task in seqio.TaskRegistry.names()
         assert set(lengths) == set(SpectronFeatureConverter.TASK_FEATURES)
         assert lengths["continuation_frames"] % config.reduction_factor == 0
@@ -524,7 +526,7 @@ def test_t5x_train_eval_infer_with_the_gin_files(tmp_path):
     assert rates and all(1e-4 <= r <= 1e-3 for r in rates), rates
     # Train-time infer_eval reported the metrics.
     for name in TEXT_METRICS:
-        assert f"spectron_synthetic_counting/{name} at step 4" in train_log, name
+        assert f"{TRAIN_TASK}/{name} at step 4" in train_log, name
     checkpoint = model_dir / "checkpoint_4"
     assert checkpoint.is_dir()
 
@@ -617,6 +619,27 @@ def test_partitioner_puts_cpu_devices_on_data():
         t5x_adapter.pjit_partitioner(num_partitions=3).mesh  # noqa: B018
 
 
+def test_partitioned_functions_apply_activation_constraints():
+    """Under T5X's own partitioner Flax's activation constraints are dropped (T5X enters only
+    the legacy mesh context); under ours they land: the output is split over data."""
+    pytest.importorskip("t5x")
+    from t5x import partitioning as t5x_partitioning
+
+    def double(x):
+        return nn.with_logical_constraint(2 * x, ("activation_batch", "activation_embed"))
+
+    rules = t5x_adapter.t5x_logical_axis_rules()
+    x = np.ones((8, 3), np.float32)
+    ours = t5x_adapter.pjit_partitioner(num_partitions=1, logical_axis_rules=rules)
+    # T5X's callable (legacy mesh context and the rules only) on the same (data 8) mesh.
+    theirs = t5x_partitioning.PjittedFnWithContext(jax.jit(double), ours.mesh, rules)
+    dropped = theirs(x)
+    assert dropped.sharding.is_fully_replicated
+    applied = ours.partition(double, None, None)(x)
+    assert applied.sharding.spec == PartitionSpec("data")
+    assert applied.addressable_shards[0].data.shape == (1, 3)
+
+
 @pytest.mark.slow
 def test_t5x_train_on_8_devices(tmp_path):
     """t5x.train with the gin file on 8 fake CPU devices, batch 8 over data: trains, evaluates
@@ -627,7 +650,46 @@ def test_t5x_train_on_8_devices(tmp_path):
         "--gin.BATCH_SIZE=8",
         XLA_FLAGS="--xla_force_host_platform_device_count=8",
     )
-    assert "spectron_synthetic_counting/transcript_wer at step 2" in text
+    assert f"{TRAIN_TASK}/transcript_wer at step 2" in text
+
+
+def _t5x_params(step_dir: pathlib.Path) -> dict:
+    import orbax.checkpoint as ocp
+
+    return ocp.PyTreeCheckpointer().restore(step_dir / "state")["target"]
+
+
+@pytest.mark.slow
+def test_t5x_resume_consumes_the_same_examples(tmp_path):
+    """4 steps straight vs 2 steps, a restart, 2 more: bit-identical parameters, because the
+    file-backed task's data iterator is saved in the checkpoint (save_dataset) and the data seed
+    is fixed. The optimizer's schedule is pinned to 4 steps in both runs."""
+    pytest.importorskip("t5x", reason=T5X_SKIP_REASON)
+    common = [
+        "--gin.BATCH_SIZE=4",
+        "--gin.train.eval_period=2",
+        "--gin.train.eval_steps=1",
+        "--gin.train.infer_eval_dataset_cfg=None",
+        "--gin.utils.SaveCheckpointConfig.period=2",
+        "--gin.t5x_adapter.spectron_t5x_optimizer.total_steps=4",
+        "--gin.t5x_adapter.learning_rate_schedule.total_steps=4",
+    ]
+
+    def train(model_dir, steps, log):
+        args = [f"--gin.MODEL_DIR='{model_dir}'", f"--gin.TRAIN_STEPS={steps}", *common]
+        return _run_t5x("t5x.train", T5X_GIN, tmp_path / log, *args)
+
+    train(tmp_path / "straight", 4, "straight.log")
+    train(tmp_path / "resumed", 2, "first.log")
+    assert (tmp_path / "resumed" / "checkpoint_2" / "dataset").is_dir()
+    log = train(tmp_path / "resumed", 4, "second.log")
+    assert "checkpoint_2" in log
+    straight = _t5x_params(tmp_path / "straight" / "checkpoint_4")
+    resumed = _t5x_params(tmp_path / "resumed" / "checkpoint_4")
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(straight), jax.tree.leaves(resumed), strict=True
+    ):
+        np.testing.assert_array_equal(a, b, err_msg=str(path))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -700,8 +762,8 @@ def test_adapter_takes_special_ids_from_a_gemma_vocabulary(tiny_config, gemma_vo
 
 @pytest.mark.slow
 def test_t5x_train_with_a_gemma_vocabulary_starts_batches_with_bos_2(tmp_path, gemma_vocab_path):
-    """gin/t5x/spectron_tiny_train.gin with the model's vocabulary overridden on the command line by a
-    Gemma-layout SentencePiece model and a task encoded with it: the model the gin file builds,
+    """gin/t5x/spectron_tiny_train.gin with the model's vocabulary overridden on the command line
+    by a Gemma-layout SentencePiece model and a task encoded with it: the model the gin file builds,
     its converter's batches and the batches t5x.train trains on all start with BOS 2."""
     pytest.importorskip("t5x", reason=T5X_SKIP_REASON)
     import seqio
@@ -747,6 +809,8 @@ def test_t5x_train_with_a_gemma_vocabulary_starts_batches_with_bos_2(tmp_path, g
         tmp_path,
         "--gin_file=tests/t5x_bos2_task.gin",
         *(f"--gin.{name}={value}" for name, value in bindings),
+        # A generator-backed task: its iterator cannot be saved.
+        "--gin.utils.SaveCheckpointConfig.save_dataset=False",
         extra_paths=[REPO / "tests"],
         **{
             t5x_bos2_task.ENV_VOCAB: gemma_vocab_path,
