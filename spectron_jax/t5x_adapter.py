@@ -49,7 +49,7 @@ import optax
 from flax.linen.partitioning import AxisMetadata
 
 # At import: spectron_jax.data registers gin configurables, so not after gin locks.
-from spectron_jax import data, vocabularies
+from spectron_jax import data, partitioning, vocabularies
 from spectron_jax.config import SpectronConfig
 from spectron_jax.feature_converter import SpectronFeatureConverter
 from spectron_jax.models import INPUT_TYPES, SpectronModel
@@ -418,12 +418,12 @@ def _partitioner_class() -> type:
         """
 
         def __call__(self, *args, **kwargs):
-            with jax.set_mesh(self._mesh):
-                return super().__call__(*args, **kwargs)
+            with partitioning.axis_rules(self._mesh, self._logical_axis_rules):
+                return self._pjitted_fn(*args, **kwargs)
 
         def lower(self, *args, **kwargs):
-            with jax.set_mesh(self._mesh):
-                return super().lower(*args, **kwargs)
+            with partitioning.axis_rules(self._mesh, self._logical_axis_rules):
+                return self._pjitted_fn.lower(*args, **kwargs)
 
     class SpectronPjitPartitioner(t5x_partitioning.PjitPartitioner):
         """T5X's `PjitPartitioner` whose CPU mesh follows `num_partitions` and whose partitioned

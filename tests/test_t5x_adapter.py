@@ -620,24 +620,27 @@ def test_partitioner_puts_cpu_devices_on_data():
 
 
 def test_partitioned_functions_apply_activation_constraints():
-    """Under T5X's own partitioner Flax's activation constraints are dropped (T5X enters only
-    the legacy mesh context); under ours they land: the output is split over data."""
+    """Under T5X's own partitioned callable Flax's activation constraints are dropped (T5X
+    enters only the legacy mesh context): nothing reaches the program. Under ours the
+    constraint is in it, splitting the batch over data."""
     pytest.importorskip("t5x")
     from t5x import partitioning as t5x_partitioning
 
     def double(x):
         return nn.with_logical_constraint(2 * x, ("activation_batch", "activation_embed"))
 
+    def constraints(lowered) -> list[str]:
+        return [line for line in lowered.as_text().splitlines() if "sharding_constraint" in line]
+
     rules = t5x_adapter.t5x_logical_axis_rules()
     x = np.ones((8, 3), np.float32)
     ours = t5x_adapter.pjit_partitioner(num_partitions=1, logical_axis_rules=rules)
     # T5X's callable (legacy mesh context and the rules only) on the same (data 8) mesh.
     theirs = t5x_partitioning.PjittedFnWithContext(jax.jit(double), ours.mesh, rules)
-    dropped = theirs(x)
-    assert dropped.sharding.is_fully_replicated
-    applied = ours.partition(double, None, None)(x)
-    assert applied.sharding.spec == PartitionSpec("data")
-    assert applied.addressable_shards[0].data.shape == (1, 3)
+    assert constraints(theirs.lower(x)) == []
+    (applied,) = constraints(ours.partition(double, None, None).lower(x))
+    assert '[{"data"}, {}]' in applied
+    np.testing.assert_array_equal(ours.partition(double, None, None)(x), 2 * x)
 
 
 @pytest.mark.slow

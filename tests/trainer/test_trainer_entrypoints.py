@@ -36,7 +36,7 @@ def test_every_gin_file_parses(path):
     except (ValueError, ImportError, AttributeError) as err:
         if path.startswith("gin/t5x/"):
             # It needs t5x, and t5x.train as __main__ (`train_script.train`): parsed and run
-            # end to end by tests/test_t5x_adapter.py::test_t5x_train_runs_the_gin_file.
+            # end to end by tests/test_t5x_adapter.py::test_t5x_train_eval_infer_with_the_gin_files.
             pytest.skip(f"t5x gin file needs t5x.train: {err}")
         raise
     finally:
