@@ -96,6 +96,7 @@ def test_the_test_vocabulary_has_gemma_ids(bos2_task):
     assert not vocabularies.same_vocabulary(vocab, vocabularies.default_vocabulary())
 
 
+@pytest.mark.slow  # ~60-85 s on 2 cores: kept out of the default suite (under 20 min)
 def test_trainer_batches_checkpoint_and_inference_use_the_models_bos(bos2_task, tmp_path):
     name, vocab = bos2_task
     model = SpectronModel(tiny_config(), vocab)
@@ -153,6 +154,7 @@ def test_vocabulary_larger_than_the_decoder_is_an_error(bos2_task):
         data.seqio_dataset_fn(name, LENGTHS, 8, model=model)
 
 
+@pytest.mark.slow  # ~40 s on 2 cores
 def test_frames_not_a_multiple_of_r_are_rejected_by_the_model():
     from spectron_testing import random_batch
 
