@@ -8,8 +8,9 @@ T5X (with `gin/t5x/*.gin` and `t5x_adapter`) saves an Orbax PyTree under `checkp
 `target` (the parameters, the same tree `SpectronModel` builds) and `state` (`step` and the
 optimizer's `param_states`). A T5X checkpoint records no model config of ours, so the
 architecture comes from the model gin file the run used (`--gin_file`, `--gin` bindings); every
-parameter's shape is checked against it. The output is `<out>/checkpoints/<N>/` with the
-parameters (bit-exact), the step, the config and the vocabulary (`checkpoints.save_for_inference`;
+parameter's name, shape and dtype is checked against it, then read with
+`checkpoints.load_subtrees`, as inference reads ours. The output is `<out>/checkpoints/<N>/`
+with the parameters (bit-exact), the step, the config and the vocabulary (`checkpoints.save_for_inference`;
 no optimizer state). The built-in trainer can also take components of a T5X checkpoint
 without this command: `train.init_checkpoints = {'/runs/t5x_tiny/checkpoint_3000':
 {'encoder': 'target/encoder', 'decoder': 'target/decoder'}}`.
@@ -28,7 +29,8 @@ PyTree = Any
 
 
 def read_t5x_checkpoint(step_dir: str | os.PathLike, model: Any) -> tuple[PyTree, int]:
-    """(numpy parameters shaped like `model`'s, step) of a T5X `checkpoint_N` directory.
+    """(parameters shaped like `model`'s, on the default device; step) of a T5X `checkpoint_N`
+    directory.
 
     Raises:
       FileNotFoundError: `step_dir` has no `state` item (not a T5X checkpoint).
@@ -53,16 +55,20 @@ def read_t5x_checkpoint(step_dir: str | os.PathLike, model: Any) -> tuple[PyTree
         raise ValueError(f"{state_dir} holds {sorted(stored)}, not T5X's target and state")
     abstract = abstract_params(model)
     _check_against(stored["target"], abstract, str(state_dir))
-    request = {
-        "target": jax.tree.map(lambda a: np.empty((), a.dtype), abstract),
-        "state": {"step": np.empty((), np.int32)},
-    }
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), request)
-    restored = ocp.PyTreeCheckpointer().restore(
+    # The parameters as inference loads ours; then the step, a scalar beside them.
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: device, abstract)
+    subtrees = {name: f"target/{name}" for name in abstract}
+    params = checkpoints.load_subtrees(abstract, step_dir, subtrees, shardings)
+    step = ocp.PyTreeCheckpointer().restore(
         state_dir,
-        args=ocp.args.PyTreeRestore(item=request, restore_args=restore_args, partial_restore=True),
-    )
-    return restored["target"], int(restored["state"]["step"])
+        args=ocp.args.PyTreeRestore(
+            item={"state": {"step": np.empty((), np.int32)}},
+            restore_args={"state": {"step": ocp.RestoreArgs(restore_type=np.ndarray)}},
+            partial_restore=True,
+        ),
+    )["state"]["step"]
+    return params, int(step)
 
 
 def _check_against(stored: PyTree, abstract: PyTree, where: str) -> None:
