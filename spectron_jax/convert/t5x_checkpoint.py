@@ -10,9 +10,10 @@ optimizer's `param_states`). A T5X checkpoint records no model config of ours, s
 architecture comes from the model gin file the run used (`--gin_file`, `--gin` bindings); every
 parameter's name, shape and dtype is checked against it, then read with
 `checkpoints.load_subtrees`, as inference reads ours. The output is `<out>/checkpoints/<N>/`
-with the parameters (bit-exact), the step, the config and the vocabulary (`checkpoints.save_for_inference`;
-no optimizer state). The built-in trainer can also take components of a T5X checkpoint
-without this command: `train.init_checkpoints = {'/runs/t5x_tiny/checkpoint_3000':
+with the parameters (bit-exact), the step, the config and the vocabulary
+(`checkpoints.save_for_inference`; no optimizer state). The built-in trainer can also take
+components of a T5X checkpoint without this command:
+`train.init_checkpoints = {'/runs/t5x_tiny/checkpoint_3000':
 {'encoder': 'target/encoder', 'decoder': 'target/decoder'}}`.
 """
 
