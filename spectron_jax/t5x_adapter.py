@@ -56,8 +56,6 @@ from spectron_jax.models import INPUT_TYPES, SpectronModel
 from spectron_jax.partitioning import LOGICAL_AXIS_RULES
 from spectron_jax.trainer import OptimizerConfig, clamped_to_run, make_optimizer, make_schedule
 
-PyTree = Any
-
 _T5X_INSTALL_HINT = (
     "spectron_jax.t5x_adapter.SpectronT5XModel needs T5X, which is not on PyPI: install it from "
     "source (git clone https://github.com/google-research/t5x && pip install -e ./t5x) or train "
