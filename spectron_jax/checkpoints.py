@@ -613,12 +613,17 @@ def read_vocabulary(
 
 
 def save_for_inference(
-    directory: str | os.PathLike, model: Any, params: PyTree, step: int = 0
+    directory: str | os.PathLike,
+    model: Any,
+    params: PyTree,
+    step: int = 0,
+    opt_state: PyTree = None,
 ) -> epath.Path:
     """Writes `params`, the model config and vocabulary the way training does.
 
     The inverse of `inference.load_model`, for converted weights and tests: the layout of
-    `<directory>/checkpoints/<step>/`, with an empty optimizer state.
+    `<directory>/checkpoints/<step>/`, with `opt_state` (None: an empty optimizer state, which
+    inference needs and training cannot resume).
 
     Returns:
       The step directory.
@@ -630,7 +635,11 @@ def save_for_inference(
         CheckpointConfig(async_save=False),
         vocabulary=model.vocabulary,
     )
-    state = TrainState(step=np.asarray(step, np.int32), params=params, opt_state={})
+    state = TrainState(
+        step=np.asarray(step, np.int32),
+        params=params,
+        opt_state={} if opt_state is None else opt_state,
+    )
     config = json.loads(json.dumps(model.config.to_dict(), default=str))
     ckpt.save(step, state, {"batches_consumed": 0}, config, force=True)
     ckpt.close()
