@@ -94,7 +94,8 @@ def _t5x_subprocess_env(*extra_paths, **variables) -> dict[str, str]:
 def _run_t5x(module: str, gin_file: str, log, *args, extra_paths=(), **variables) -> str:
     """Runs `python -m <module> --gin_file=<gin_file> <args>` from the repo root with output to
     `log` (readable when the run fails); returns the log after asserting exit code 0."""
-    cmd = [sys.executable, "-m", module, f"--gin_search_paths={REPO}", f"--gin_file={gin_file}"]
+    search = f"--gin_search_paths={REPO},{REPO / 'gin'}"  # gin/: the model files' own includes
+    cmd = [sys.executable, "-m", module, search, f"--gin_file={gin_file}"]
     env = _t5x_subprocess_env(*extra_paths, **variables)
     with open(log, "w") as out:
         proc = subprocess.run(
@@ -328,10 +329,11 @@ def _write_t5x_stub(root: pathlib.Path) -> None:
     )
 
 
-def _parse_t5x_gin(tmp_path, bindings=()):
-    """Parses gin/t5x/spectron_tiny_train.gin; T5X's pretrain.gin (and its modules) come from
-    SPECTRON_T5X_SRC or the installed t5x when found, else from `_write_t5x_stub` (removed from
-    sys.path and sys.modules again after parsing)."""
+def _parse_t5x_gin(tmp_path, bindings=(), gin_file=T5X_GIN):
+    """Parses a T5X train gin file (default gin/t5x/spectron_tiny_train.gin); T5X's
+    pretrain.gin (and its modules) come from SPECTRON_T5X_SRC or the installed t5x when found,
+    else from `_write_t5x_stub` (removed from sys.path and sys.modules again after parsing; gin
+    in interactive mode then, as each parse registers the stub's new functions again)."""
     root = _t5x_gin_root()
     stub = None
     if root is None:
@@ -339,12 +341,13 @@ def _parse_t5x_gin(tmp_path, bindings=()):
         _write_t5x_stub(stub)
         root = str(stub)
         sys.path.insert(0, root)
+        gin.enter_interactive_mode()
     gin.clear_config()
-    for path in (root, str(REPO)):
+    for path in (root, str(REPO), str(REPO / "gin")):
         gin.add_config_file_search_path(path)
     try:
         gin.parse_config_files_and_bindings(
-            [T5X_GIN],
+            [gin_file],
             [f"MODEL_DIR = '{tmp_path / 'model'}'", *bindings],
             # `train_script` is __main__ (t5x.train when run for real, pytest here).
             skip_unknown=["train_script.train"],
@@ -354,6 +357,7 @@ def _parse_t5x_gin(tmp_path, bindings=()):
             sys.path.remove(root)
             for name in [m for m in sys.modules if m == "t5x" or m.startswith("t5x.")]:
                 del sys.modules[name]
+            gin.exit_interactive_mode()
 
 
 def test_t5x_gin_parses_and_binds_our_parts(tmp_path):
@@ -384,6 +388,62 @@ def test_t5x_gin_parses_and_binds_our_parts(tmp_path):
         schedule = t5x_adapter.learning_rate_schedule(optimizer, steps)
         np.testing.assert_allclose(schedule(optimizer.warmup_steps), optimizer.learning_rate)
         assert float(schedule(steps)) == pytest.approx(0.1 * optimizer.learning_rate)
+    finally:
+        gin.clear_config()
+
+
+def _built_in_base_experiment() -> tuple:
+    """(model config, optimizer config, feature lengths, task, steps, batch) of
+    gin/spectron_base.gin, parsed as the built-in trainer parses it."""
+    from spectron_jax import config as config_lib
+    from spectron_jax import train
+
+    gin.clear_config()
+    try:
+        train.parse_gin(
+            ["gin/spectron_base.gin"],
+            ["MODEL_DIR = '/tmp/x'", "INIT_CHECKPOINT = '/tmp/enc'"],
+            [str(REPO), str(REPO / "gin")],
+        )
+        return _experiment(config_lib.spectron_config(), trainer.OptimizerConfig())
+    finally:
+        gin.clear_config()
+
+
+def _experiment(config, optimizer) -> tuple:
+    names = ("%TASK_FEATURE_LENGTHS", "%MIXTURE_OR_TASK_NAME", "%TRAIN_STEPS", "%BATCH_SIZE")
+    return (config, optimizer, *(gin.query_parameter(n) for n in names))
+
+
+def test_t5x_base_gin_is_the_built_in_base_experiment(tmp_path):
+    """gin/t5x/spectron_base_train.gin builds the model, optimizer, task, lengths, steps and
+    batch of gin/spectron_base.gin; its encoder init is scoped, so that T5X's resume from
+    MODEL_DIR does not apply the assignment map."""
+    import spectron_tasks  # noqa: F401  (registers the task)
+
+    want = _built_in_base_experiment()
+    try:
+        _parse_t5x_gin(
+            tmp_path,
+            ["INITIAL_CHECKPOINT_PATH = '/ckpt/w2v_bert_t5x/checkpoint_0'"],
+            gin_file="gin/t5x/spectron_base_train.gin",
+        )
+        config = gin.query_parameter("t5x_adapter.spectron_t5x_model.config")
+        optimizer = gin.query_parameter("%OPTIMIZER").scoped_configurable_fn()
+        # What spectron_t5x_optimizer builds: the schedule fitted to TRAIN_STEPS.
+        optimizer = trainer.clamped_to_run(optimizer, gin.query_parameter("%TRAIN_STEPS"))
+        got = _experiment(config.scoped_configurable_fn(), optimizer)
+        assert got == want
+        assert want[0].encoder_frozen and want[0].dtype == "bfloat16"
+        assert gin.query_parameter("t5x_adapter.t5x_logical_axis_rules.shard_params_over_data")
+        init = "init/utils.RestoreCheckpointConfig"
+        assert repr(gin.query_parameter(f"{init}.path")) == "%INITIAL_CHECKPOINT_PATH"
+        assert gin.query_parameter("%INITIAL_CHECKPOINT_PATH").endswith("w2v_bert_t5x/checkpoint_0")
+        assert gin.query_parameter(f"{init}.assignment_map") == (("(?!target/encoder/).*", None),)
+        assert gin.query_parameter(f"{init}.fallback_to_scratch") is True
+        with pytest.raises(ValueError):
+            gin.query_parameter("utils.RestoreCheckpointConfig.assignment_map")
+        assert gin.query_parameter("utils.SaveCheckpointConfig.save_dataset") is False
     finally:
         gin.clear_config()
 
@@ -516,14 +576,14 @@ def test_t5x_train_eval_infer_with_the_gin_files(tmp_path):
         "--gin.utils.SaveCheckpointConfig.period=4",
         "--gin.seqio.Evaluator.num_examples=8",
     )
-    assert "warmup_steps 200 clamped to 2 for a run of 4 steps" in train_log
-    # The logged learning rate is the optimizer's: 1e-3 peak at step 2, cosine to 1e-4 at 4.
+    assert "warmup_steps 30 clamped to 2 for a run of 4 steps" in train_log
+    # The logged learning rate is the optimizer's: 2e-3 peak at step 2, cosine to 2e-4 at 4.
     rates = [
         float(line.split("learning_rate/current=")[1].split(",")[0])
         for line in train_log.splitlines()
         if "collection=train " in line and "learning_rate/current=" in line
     ]
-    assert rates and all(1e-4 <= r <= 1e-3 for r in rates), rates
+    assert rates and all(2e-4 <= r <= 2e-3 for r in rates), rates
     # Train-time infer_eval reported the metrics.
     for name in TEXT_METRICS:
         assert f"{TRAIN_TASK}/{name} at step 4" in train_log, name
@@ -565,12 +625,50 @@ def test_t5x_train_eval_infer_with_the_gin_files(tmp_path):
                 frames = np.asarray(row["aux"]["frames"])
                 assert frames.shape == (96, 80) and np.isfinite(frames).all()
                 assert 0 <= row["aux"]["frame_lengths"] <= 96
-    _convert_and_continue(checkpoint, tmp_path)
+    back = _convert_and_continue(checkpoint, tmp_path)
+
+    # T5X starts from the twice-converted checkpoint: step 4 restored (and saved again as it
+    # was), step 5 trained.
+    restarted = tmp_path / "from_converted"
+    _run_t5x(
+        "t5x.train",
+        T5X_GIN,
+        tmp_path / "from_converted.log",
+        f"--gin.MODEL_DIR='{restarted}'",
+        "--gin.TRAIN_STEPS=5",
+        "--gin.BATCH_SIZE=4",
+        "--gin.train.eval_period=5",
+        "--gin.train.eval_steps=1",
+        "--gin.train.infer_eval_dataset_cfg=None",
+        "--gin.utils.SaveCheckpointConfig.period=5",
+        f"--gin.utils.RestoreCheckpointConfig.path='{back}'",
+        "--gin.utils.RestoreCheckpointConfig.mode='specific'",
+        "--gin.utils.SaveCheckpointConfig.save_dataset=False",
+    )
+    _assert_same_state(restarted / "checkpoint_4", checkpoint)
+    assert (restarted / "checkpoint_5" / "state").is_dir()
 
 
-def _convert_and_continue(checkpoint: pathlib.Path, tmp_path: pathlib.Path) -> None:
-    """The T5X checkpoint converted to the project's layout; `spectron continue` speaks from
-    it, and its parameters are the T5X ones bit for bit."""
+def _t5x_state(step_dir: pathlib.Path) -> dict:
+    import orbax.checkpoint as ocp
+
+    return ocp.PyTreeCheckpointer().restore(step_dir / "state")
+
+
+def _assert_same_state(got_dir: pathlib.Path, want_dir: pathlib.Path) -> None:
+    """Two T5X checkpoints hold the same tree (keys, parameters, moments, step) bit for bit."""
+    got, want = _t5x_state(got_dir), _t5x_state(want_dir)
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
+
+
+def _convert_and_continue(checkpoint: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path:
+    """The T5X checkpoint converted to the project's layout (optimizer state included);
+    `spectron continue` speaks from it, and its parameters are the T5X ones bit for bit.
+    Converted back, it is the T5X checkpoint key for key; returns that checkpoint_N."""
     import orbax.checkpoint as ocp
     import soundfile
 
@@ -602,6 +700,11 @@ def _convert_and_continue(checkpoint: pathlib.Path, tmp_path: pathlib.Path) -> N
     assert proc.returncode == 0, proc.stderr[-3000:]
     audio, rate = soundfile.read(out)
     assert rate > 0 and 0 < len(audio) <= 1.1 * rate and np.isfinite(audio).all()
+
+    back = tmp_path / "back_to_t5x"
+    assert t5x_checkpoint.main(["--to_t5x", str(converted), "--out", str(back)]) == 0
+    _assert_same_state(back / checkpoint.name, checkpoint)
+    return back / checkpoint.name
 
 
 def test_partitioner_puts_cpu_devices_on_data():
@@ -693,6 +796,53 @@ def test_t5x_resume_consumes_the_same_examples(tmp_path):
         jax.tree_util.tree_leaves_with_path(straight), jax.tree.leaves(resumed), strict=True
     ):
         np.testing.assert_array_equal(a, b, err_msg=str(path))
+
+
+@pytest.mark.slow
+def test_t5x_starts_from_a_converted_encoder(tmp_path):
+    """gin/t5x/init_encoder.gin (the base run's init) at tiny scale: an encoder-only Orbax tree
+    (as convert.to_orbax writes one) -> `--to_t5x` -> t5x.train with the encoder frozen. After
+    2 steps the encoder is the converted one bit for bit and the rest trained from scratch; a
+    restart resumes from MODEL_DIR without applying the assignment map again."""
+    pytest.importorskip("t5x", reason=T5X_SKIP_REASON)
+    import orbax.checkpoint as ocp
+
+    from spectron_jax import inference
+    from spectron_jax.convert import t5x_checkpoint
+
+    model = SpectronModel(_tiny_config(encoder_frozen=True))
+    rng = np.random.default_rng(0)
+    encoder = jax.tree.map(
+        lambda a: (0.02 * rng.normal(size=a.shape)).astype(a.dtype),
+        inference.abstract_params(model)["encoder"],
+    )
+    ocp.PyTreeCheckpointer().save(tmp_path / "w2v_bert", {"encoder": encoder})
+    source, converted = str(tmp_path / "w2v_bert"), tmp_path / "w2v_bert_t5x"
+    assert t5x_checkpoint.main(["--to_t5x", source, "--out", str(converted)]) == 0
+    init = [
+        "--gin_file=gin/t5x/init_encoder.gin",
+        f"--gin.INITIAL_CHECKPOINT_PATH='{converted / 'checkpoint_0'}'",
+        "--gin.spectron.spectron_config.encoder_frozen=True",
+        "--gin.train.infer_eval_dataset_cfg=None",
+    ]
+    first = _run_t5x_train(tmp_path, *init)
+    assert "None replacement using pattern=(?!target/encoder/)" in first
+    state = _t5x_state(tmp_path / "model" / "checkpoint_2")
+    assert int(state["state"]["step"]) == 2
+    # Frozen: no optimizer moments for the encoder.
+    assert not [k for k in t5x_checkpoint.flat_by_key(state["state"]) if "/encoder/" in k]
+    for (path, got), want in zip(
+        jax.tree_util.tree_leaves_with_path(state["target"]["encoder"]),
+        jax.tree.leaves(encoder),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(got, want, err_msg=str(path))
+
+    (tmp_path / "t5x_train.log").rename(tmp_path / "first.log")
+    second = _run_t5x_train(tmp_path, *init, "--gin.TRAIN_STEPS=3")
+    assert "None replacement" not in second
+    resumed = _t5x_state(tmp_path / "model" / "checkpoint_3")
+    assert int(resumed["state"]["step"]) == 3
 
 
 # ------------------------------------------------------------------------------------------------
