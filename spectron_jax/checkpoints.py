@@ -15,7 +15,9 @@ from before `vocabulary/` existed still load where the caller names the vocabula
 Orbax writes a step into a `*.orbax-checkpoint-tmp-*` directory and renames it when complete, so a
 process killed mid-save leaves only a tmp directory, which step listing ignores: resuming always
 finds the previous complete step. A step that is complete on disk but unreadable (truncated files)
-is skipped with a warning in favour of the one before it.
+is skipped with a warning in favour of the one before it and moved to `unreadable/<step>` (kept,
+never deleted), so the run saves that step again. When every step is unreadable the run stops
+and says so, unless `CheckpointConfig.fresh_start_if_unreadable` asks for a fresh start.
 """
 
 from __future__ import annotations
@@ -43,10 +45,16 @@ logger = logging.getLogger(__name__)
 
 VOCABULARY_ITEM = "vocabulary"
 VOCABULARY_JSON = "vocabulary.json"
+# Where unreadable steps go (a non-numeric name: Orbax's step listing ignores it).
+UNREADABLE_DIR = "unreadable"
 
 
 class MissingVocabularyError(FileNotFoundError):
     """A checkpoint that records no vocabulary, with no vocabulary file given either."""
+
+
+class UnreadableCheckpointsError(RuntimeError):
+    """Every checkpoint step in a model dir failed to restore (nothing is started over them)."""
 
 
 class LayerLayoutError(ValueError):
@@ -136,6 +144,8 @@ class CheckpointConfig:
       keep_last: keep the newest K checkpoints.
       keep_every: additionally keep every checkpoint whose step is a multiple of M (0 = off).
       async_save: write in a background thread while training continues.
+      fresh_start_if_unreadable: when every checkpoint in the directory is unreadable, train
+        from scratch (they are set aside) instead of stopping with `UnreadableCheckpointsError`.
     """
 
     every_steps: int = 1000
@@ -143,6 +153,7 @@ class CheckpointConfig:
     keep_last: int = 3
     keep_every: int = 0
     async_save: bool = True
+    fresh_start_if_unreadable: bool = False
 
 
 @dataclasses.dataclass
@@ -295,26 +306,66 @@ class Checkpointer:
         return Restored(step=step, state=out.state, data=dict(out.data), config=out.config)
 
     def restore_latest(self, abstract_state: PyTree) -> Restored | None:
-        """Newest readable checkpoint; unreadable ones are skipped with a warning.
+        """Newest readable checkpoint; unreadable ones are skipped with a warning and set aside
+        (`set_aside`), so that the run writes those steps again and `keep_last` counts good
+        checkpoints only.
 
         Returns:
-          The restored checkpoint, or None when the directory holds no readable one.
+          The restored checkpoint, or None when the directory holds none.
+
+        Raises:
+          UnreadableCheckpointsError: every step is unreadable, unless
+            `config.fresh_start_if_unreadable` (then they are set aside and None returned).
         """
+        unreadable: dict[int, str] = {}
         for step in reversed(self.steps()):
             try:
-                return self.restore(step, abstract_state)
+                restored = self.restore(step, abstract_state)
             except LayerLayoutError:
                 raise
             except Exception as err:  # noqa: BLE001 - any read failure means "try the previous"
+                unreadable[step] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
                 logger.warning(
-                    "checkpoint: step %d in %s is unreadable (%s: %s); falling back to the "
-                    "previous checkpoint",
+                    "checkpoint: step %d in %s is unreadable (%s); falling back to the previous "
+                    "checkpoint",
                     step,
                     self.directory,
-                    type(err).__name__,
-                    str(err).splitlines()[0][:300],
+                    unreadable[step],
                 )
+                continue
+            self.set_aside(sorted(unreadable))
+            return restored
+        if unreadable and not self.config.fresh_start_if_unreadable:
+            listing = "; ".join(f"step {s}: {why}" for s, why in sorted(unreadable.items()))
+            raise UnreadableCheckpointsError(
+                f"every checkpoint in {self.directory} is unreadable ({listing}). Nothing was "
+                "changed. Copy good checkpoints back, or start over with "
+                "--gin.checkpoints.CheckpointConfig.fresh_start_if_unreadable=True (they are "
+                f"then moved to {self.directory / UNREADABLE_DIR})."
+            )
+        if unreadable:
+            logger.warning("checkpoint: every step is unreadable; training from scratch as asked")
+        self.set_aside(sorted(unreadable))
         return None
+
+    def set_aside(self, steps: Sequence[int]) -> None:
+        """Moves unreadable step dirs to `<directory>/unreadable/<step>[.n]`: kept for a look,
+        out of Orbax's step list (so those steps are saved again), never deleted."""
+        if not steps:
+            return
+        if jax.process_index() == 0:
+            aside = self.directory / UNREADABLE_DIR
+            aside.mkdir(parents=True, exist_ok=True)
+            for step in steps:
+                target, n = aside / str(step), 0
+                while target.exists():
+                    n += 1
+                    target = aside / f"{step}.{n}"
+                (self.directory / str(step)).rename(target)
+                logger.warning("checkpoint: unreadable step %d moved to %s", step, target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("checkpoints.set_aside")
+        self.manager.reload()
 
 
 # ----------------------------------------------------------------------------------------------

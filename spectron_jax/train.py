@@ -31,7 +31,7 @@ from absl import app, flags
 from etils import epath
 from jax.experimental import multihost_utils
 
-from spectron_jax import checkpoints, data, multihost, partitioning, summaries
+from spectron_jax import checkpoints, config_check, data, multihost, partitioning, summaries
 from spectron_jax import trainer as trainer_lib
 from spectron_jax.data import DatasetFn
 from spectron_jax.evaluation.loss import mean_eval_metrics
@@ -430,6 +430,29 @@ flags.DEFINE_integer("process_id", None, "jax.distributed index of this process.
 flags.DEFINE_bool(
     "distributed", False, "jax.distributed with auto-detection (every Cloud TPU VM worker)."
 )
+flags.DEFINE_bool("verbose", False, "Show the traceback of the errors explained in one message.")
+flags.DEFINE_bool("check_config", False, "Only check the config (config_check) and exit.")
+
+# Run-time failures the command line explains in one message (exit code 1): the message names
+# the step, the checkpoint or the setting; the traceback adds nothing a user can act on.
+EXPLAINED_ERRORS = (
+    trainer_lib.NonFiniteLossError,
+    checkpoints.UnreadableCheckpointsError,
+    checkpoints.LayerLayoutError,
+)
+
+
+@contextlib.contextmanager
+def explained_errors(verbose: bool = False) -> Iterator[None]:
+    """`EXPLAINED_ERRORS` become "error: <message>" on stderr and exit code 1 (with `verbose`
+    they propagate, traceback and all)."""
+    try:
+        yield
+    except EXPLAINED_ERRORS as err:
+        if verbose:
+            raise
+        print(f"error: {config_check.without_gin_context(err)}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
 def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
@@ -467,11 +490,25 @@ def main(argv: Sequence[str]) -> None:
     initialize_distributed(
         FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.distributed
     )
-    parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
-    if FLAGS.mode == "eval":
-        evaluate_checkpoint()
-    else:
-        train()
+    try:
+        warnings = config_check.parse_and_check(
+            FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths
+        )
+    except config_check.ConfigError as err:
+        if FLAGS.verbose:
+            raise
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    if warnings:
+        logger.warning("config warnings:\n%s", "\n".join(map(str, warnings)))
+    if FLAGS.check_config:
+        print(f"config OK ({len(warnings)} warnings): {', '.join(FLAGS.gin_file)}")
+        return
+    with explained_errors(FLAGS.verbose):
+        if FLAGS.mode == "eval":
+            evaluate_checkpoint()
+        else:
+            train()
 
 
 def console_main() -> None:

@@ -53,6 +53,7 @@ FLOORS = {
     "spectron_jax.pretraining.ctc_evaluation": 6,
     "spectron_tasks.counting_evaluation": 7,
     "spectron_jax.t5x_adapter": 7,
+    "spectron_jax.config_check": 7,
     "spectron_jax.train": 8,
     "spectron_jax.aot": 9,
     "spectron_jax.cli": 9,

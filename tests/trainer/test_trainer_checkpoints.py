@@ -104,16 +104,21 @@ def _save_steps(directory, steps, config=None):
     ckpt.close()
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
-    _save_steps(tmp_path, [2, 4, 6])
-    # Truncate every array file of the newest step (a disk that filled up, a bad copy).
+def _truncate_arrays(step_dir):
+    """Empties every array file of a step (a disk that filled up, a bad copy)."""
     truncated = 0
-    for f in (tmp_path / "6" / "state").rglob("*"):
+    for f in (step_dir / "state").rglob("*"):
         if f.is_file() and "ocdbt" in str(f) or (f.is_file() and f.parent.name == "d"):
             f.write_bytes(b"")
             truncated += 1
     assert truncated
-    ckpt = checkpoints.Checkpointer(tmp_path)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
+    _save_steps(tmp_path, [2, 4, 6])
+    _truncate_arrays(tmp_path / "6")
+    config = checkpoints.CheckpointConfig(every_steps=1, keep_last=3, async_save=False)
+    ckpt = checkpoints.Checkpointer(tmp_path, config)
     with caplog.at_level(logging.WARNING):
         restored = ckpt.restore_latest(_abstract(_small_state(0)))
     assert restored.step == 4
@@ -122,6 +127,39 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
     assert any(
         "step 6" in r.getMessage() and "falling back" in r.getMessage() for r in caplog.records
     )
+    # The unreadable step is kept aside, out of the step list: the run writes step 6 again, and
+    # keep_last=3 then holds three readable checkpoints.
+    assert (tmp_path / "unreadable" / "6" / "state").is_dir()
+    assert ckpt.steps() == [2, 4]
+    assert ckpt.save(6, _small_state(6), {"batches_consumed": 6}, {"d": 1})
+    ckpt.close()
+    reopened = checkpoints.Checkpointer(tmp_path)
+    assert reopened.steps() == [2, 4, 6]
+    restored = reopened.restore_latest(_abstract(_small_state(0)))
+    assert restored.step == 6
+    np.testing.assert_array_equal(np.asarray(restored.state["w"]), np.full((4, 4), 6.0))
+    reopened.close()
+
+
+def test_every_checkpoint_unreadable_stops_unless_a_fresh_start_is_asked(tmp_path):
+    _save_steps(tmp_path, [2, 4])
+    for step in (2, 4):
+        _truncate_arrays(tmp_path / str(step))
+    ckpt = checkpoints.Checkpointer(tmp_path)
+    with pytest.raises(checkpoints.UnreadableCheckpointsError) as err:
+        ckpt.restore_latest(_abstract(_small_state(0)))
+    message = str(err.value)
+    assert "step 2: " in message and "step 4: " in message
+    assert "fresh_start_if_unreadable=True" in message
+    assert ckpt.steps() == [2, 4] and not (tmp_path / "unreadable").exists()  # nothing changed
+    ckpt.close()
+
+    config = checkpoints.CheckpointConfig(fresh_start_if_unreadable=True)
+    ckpt = checkpoints.Checkpointer(tmp_path, config)
+    assert ckpt.restore_latest(_abstract(_small_state(0))) is None
+    assert ckpt.steps() == []
+    assert sorted(p.name for p in (tmp_path / "unreadable").iterdir()) == ["2", "4"]
+    ckpt.close()
 
 
 def test_unfinished_save_tmp_dir_is_ignored(tmp_path):

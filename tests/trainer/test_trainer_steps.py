@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import numpy as np
 import optax
 import pytest
 import tiny_model as tm
 
-from spectron_jax import checkpoints, partitioning, train
+from spectron_jax import checkpoints, config_check, partitioning, train
 from spectron_jax import trainer as trainer_lib
 
 
@@ -178,11 +180,10 @@ def test_clipping_bounds_the_update():
     np.testing.assert_allclose(ours["a"], theirs["a"], rtol=1e-6)
 
 
-def test_non_finite_loss_stops_naming_step_and_last_good_checkpoint(tmp_path):
+def test_non_finite_loss_stops_naming_step_and_last_good_checkpoint(tmp_path, capsys):
+    """The command line's wrapper prints the one message (exit code 1, no traceback)."""
     mesh = partitioning.create_mesh(data=2, fsdp=1, tensor=1, devices=jax.devices()[:2])
-    with pytest.raises(
-        trainer_lib.NonFiniteLossError, match=r"step 4 .*Last good checkpoint: .*checkpoints/2"
-    ):
+    with pytest.raises(SystemExit) as stopped, train.explained_errors():
         train.train(
             model=tm.TinyModel(),
             dataset_fn=tm.make_dataset_fn(poison_at=3),
@@ -192,5 +193,20 @@ def test_non_finite_loss_stops_naming_step_and_last_good_checkpoint(tmp_path):
             log_every=100,
             checkpoint_config=checkpoints.CheckpointConfig(every_steps=2, async_save=False),
         )
+    assert stopped.value.code == 1
+    err = capsys.readouterr().err
+    assert re.fullmatch(
+        r"error: non-finite loss or gradient at step 4 .*Last good checkpoint: .*checkpoints/2\n",
+        err,
+    ), err
     ckpt = checkpoints.Checkpointer(tmp_path / "checkpoints")
     assert ckpt.steps() == [2]  # step 3 was not a save step, and nothing after the NaN was saved
+
+
+def test_explained_errors_drop_gin_context_and_keep_the_traceback_when_verbose():
+    err = ValueError("bad thing\n  In call to configurable 'train' (<function train at 0x1>)")
+    assert config_check.without_gin_context(err) == "bad thing"
+    with pytest.raises(trainer_lib.NonFiniteLossError), train.explained_errors(verbose=True):
+        raise trainer_lib.NonFiniteLossError("step 3")
+    with pytest.raises(KeyError), train.explained_errors():  # not one of the explained errors
+        raise KeyError("x")
