@@ -9,10 +9,14 @@ speak, `--stop-threshold` the stop probability that ends it, and `--fixed-durati
 exactly `--seconds` instead (what a model without a stop head always does).
 
 `continue` and `ask` print the model's transcript of the prompt and its text continuation (or
-answer), and write the generated speech. `--audio` may also be a folder (every .wav/.flac/.ogg in
-it) or a .txt list of paths (one a line, relative to the list; `#` comments); `--out` (and
-`--png`) are then folders. Unreadable files are reported and skipped; the summary names them and
-the exit status is non-zero only when every file failed.
+answer), and write the generated speech. `--audio` may also be a folder (every file of a format
+the audio reader knows: .wav, .flac, .ogg/.opus, .mp3, .aiff, ...; the others are named and left
+out) or a .txt list of paths (one a line, relative to the list; `#` comments); `--out` (and
+`--png`) are then folders. What loading changed (resampling, downmixing) and what looks wrong (a
+WAV shorter than its header says, clipping) is printed under each file. A silent prompt is
+refused (the model would invent a transcript for it) unless `--allow-silent`. Unreadable files
+are reported and skipped; the summary names them and the exit status is non-zero when every file
+failed, or when any did with `--strict`.
 
 A checkpoint carries its vocabulary (`vocabulary/` in each step), so `--checkpoint` is all the
 commands need; `--vocab FILE` overrides it, and names the tokenizer of a checkpoint written
@@ -29,9 +33,6 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
-
-
 # ------------------------------------------------------------------------------------------------
 # Inputs.
 # ------------------------------------------------------------------------------------------------
@@ -43,11 +44,20 @@ def expand_inputs(audio: str) -> tuple[list[pathlib.Path], bool]:
     A path that does not exist is returned as a one-file "batch" of itself, so that it is
     reported like any other unreadable file.
     """
+    from spectron_jax.audio.io import readable_suffixes
+
     path = pathlib.Path(audio)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in AUDIO_SUFFIXES)
+        suffixes = readable_suffixes()
+        entries = sorted(p for p in path.iterdir() if p.is_file())
+        files = [p for p in entries if p.suffix.lower() in suffixes]
+        others = [p.name for p in entries if p.suffix.lower() not in suffixes]
         if not files:
-            raise SystemExit(f"spectron: no {'/'.join(AUDIO_SUFFIXES)} files in {path}")
+            raise SystemExit(f"spectron: no audio files ({' '.join(suffixes)}) in {path}")
+        if others:
+            more = f" and {len(others) - 5} more" if len(others) > 5 else ""
+            shown = ", ".join(others[:5]) + more
+            print(f"spectron: left out {len(others)} file(s) that are not audio: {shown}")
         return files, True
     if path.suffix.lower() == ".txt":
         if not path.is_file():
@@ -121,11 +131,11 @@ def run_speech(args: argparse.Namespace, mode: str) -> int:
     files, is_batch = expand_inputs(args.audio)
     out = pathlib.Path(args.out)
     png = pathlib.Path(args.png) if args.png else None
-    if is_batch:
-        if out.suffix.lower() == ".wav":
-            raise SystemExit(f"spectron: --audio {args.audio} is a batch; --out must be a folder")
-        out.mkdir(parents=True, exist_ok=True)
+    if is_batch and out.suffix.lower() == ".wav":
+        raise SystemExit(f"spectron: --audio {args.audio} is a batch; --out must be a folder")
     loaded = inference.load_model_for_inference(args.checkpoint, args.vocab)
+    if is_batch:  # Only once the checkpoint loaded: a bad one leaves nothing behind.
+        out.mkdir(parents=True, exist_ok=True)
     config = loaded.config
     vocoder = inference.make_vocoder(args.vocoder, config.spectrogram, args.vocoder_dir)
     decode_config = _decode_config(args, loaded, args.seconds)
@@ -139,7 +149,8 @@ def run_speech(args: argparse.Namespace, mode: str) -> int:
         outcome = Outcome(path=str(path))
         outcomes.append(outcome)
         try:
-            waveform, _ = load_audio(path, rate)
+            waveform, info = load_audio(path, rate)
+            _refuse_silence(info, args.allow_silent)
             features = inference.prompt_features(config, waveform, str(path))
         except AudioError as err:
             outcome.error = str(err)
@@ -167,17 +178,32 @@ def run_speech(args: argparse.Namespace, mode: str) -> int:
             f"{outcome.continuation}\n  audio:        {wav_path} "
             f"({len(gen.frames) / config.spectrogram.frames_per_second:.2f} s{ended})"
         )
-    return _summarise(outcomes, mode)
+        for note in [*info.changes, *(w.removeprefix(f"{path}: ") for w in info.warnings)]:
+            tqdm.write(f"  note:         {note}")
+    return _summarise(outcomes, mode, args.strict)
 
 
-def _summarise(outcomes: Sequence[Outcome], mode: str) -> int:
+def _refuse_silence(info, allowed: bool) -> None:
+    """A silent prompt is an error unless `--allow-silent`: the model would invent a transcript
+    for it and nothing would say so."""
+    from spectron_jax.audio.io import AudioError
+
+    silent = [w for w in info.warnings if "audio is silent" in w]
+    if silent and not allowed:
+        raise AudioError(
+            f"{silent[0]}: the model would invent a transcript; pass --allow-silent to "
+            "continue it anyway"
+        )
+
+
+def _summarise(outcomes: Sequence[Outcome], mode: str, strict: bool = False) -> int:
     failed = [o for o in outcomes if o.error]
     done = len(outcomes) - len(failed)
     print(f"spectron {mode}: {done} of {len(outcomes)} file(s) done, {len(failed)} failed")
     for o in failed:
         reason = o.error.removeprefix(f"{o.path}: ")
         print(f"  FAILED {o.path}: {reason}")
-    return 1 if outcomes and done == 0 else 0
+    return 1 if (outcomes and done == 0) or (strict and failed) else 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -253,6 +279,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _inputs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--audio", required=True, help="a speech file, a folder, or a .txt list")
+    p.add_argument("--out", required=True, help="output .wav (a folder for a batch)")
+    p.add_argument("--strict", action="store_true", help="exit 1 when any file failed")
+    p.add_argument(
+        "--allow-silent", action="store_true", help="continue silent prompts instead of refusing"
+    )
+
+
 def _sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
@@ -280,8 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     cont = sub.add_parser("continue", help="continue a spoken prompt (text and speech)")
     _common(cont)
     _sampling(cont)
-    cont.add_argument("--audio", required=True, help="a speech file, a folder, or a .txt list")
-    cont.add_argument("--out", required=True, help="output .wav (a folder for a batch)")
+    _inputs(cont)
     cont.add_argument(
         "--seconds",
         type=float,
@@ -297,8 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask = sub.add_parser("ask", help="answer a spoken question (text and speech)")
     _common(ask)
     _sampling(ask)
-    ask.add_argument("--audio", required=True, help="a speech file, a folder, or a .txt list")
-    ask.add_argument("--out", required=True, help="output .wav (a folder for a batch)")
+    _inputs(ask)
     ask.add_argument("--seconds", type=float, default=4.0, help="longest spoken answer")
     ask.add_argument("--png", default=None, help="PNG of question and answer spectrograms")
 

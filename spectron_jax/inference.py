@@ -91,24 +91,49 @@ def load_model_for_inference(
 
     Raises:
       FileNotFoundError: no checkpoint; `checkpoints.MissingVocabularyError`: no vocabulary
-        stored nor given; ValueError: config missing or vocabulary too large for the decoder.
+        stored nor given; ValueError: config missing, vocabulary too large for the decoder, or
+        the step unreadable (truncated files) or not the model its config describes (the
+        message names the step and the other steps there are).
     """
     from spectron_jax import checkpoints
     from spectron_jax.models import SpectronModel
 
     step_dir = checkpoints.find_step_dir(checkpoint_dir)
-    config = checkpoints.read_model_config(step_dir)
-    vocabulary = checkpoints.read_vocabulary(step_dir, vocabulary_file)
-    model = SpectronModel(config, vocabulary)
-    model.check_vocabulary_fits()
-    abstract = abstract_params(model)
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shardings = jax.tree.map(lambda _: sharding, abstract)
-    params = checkpoints.load_subtrees(
-        {"p": abstract}, step_dir, {"p": "params"}, {"p": shardings}
-    )["p"]
+    try:
+        config = checkpoints.read_model_config(step_dir)
+        vocabulary = checkpoints.read_vocabulary(step_dir, vocabulary_file)
+        model = SpectronModel(config, vocabulary)
+        model.check_vocabulary_fits()
+        abstract = abstract_params(model)
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: sharding, abstract)
+        params = checkpoints.load_subtrees(
+            {"p": abstract}, step_dir, {"p": "params"}, {"p": shardings}
+        )["p"]
+    except (FileNotFoundError, checkpoints.LayerLayoutError):
+        raise
+    except Exception as err:  # noqa: BLE001 - Orbax / tensorstore / JSON errors of a bad step
+        raise ValueError(_unreadable_step_message(step_dir, err)) from err
     logger.info("loaded %s (step %s)", step_dir, step_dir.name)
     return LoadedModel(model=model, params=params, vocabulary=vocabulary, step=int(step_dir.name))
+
+
+def _unreadable_step_message(step_dir: Any, err: BaseException) -> str:
+    """Names the step, what failed, and the other steps beside it that could be tried."""
+    why = str(err).splitlines()[0][:300] if str(err) else ""
+    others = sorted(
+        (int(p.name) for p in step_dir.parent.iterdir() if p.name.isdigit()), reverse=True
+    )
+    others = [s for s in others if s != int(step_dir.name)]
+    hint = (
+        f"; other steps there: {', '.join(map(str, others[:5]))} (pass one as "
+        f"{step_dir.parent}/<step>)"
+        if others
+        else ""
+    )
+    if isinstance(err, ValueError) and why:
+        return f"checkpoint {step_dir}: {why}{hint}"
+    return f"checkpoint {step_dir} is unreadable ({type(err).__name__}: {why or 'no detail'}){hint}"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -285,7 +285,7 @@ def test_continue_batch_of_good_and_broken_files(checkpoint, fsdd_files, tmp_pat
     assert "2 of 5 file(s) done, 3 failed" in stdout
     failed = [line for line in stdout.splitlines() if "FAILED" in line]
     assert len(failed) == 3
-    assert f"FAILED {broken['text']}: not a readable audio file" in stdout
+    assert f"FAILED {broken['text']}: not an audio file" in stdout
     assert f"FAILED {broken['empty']}: file is empty (0 bytes)" in stdout
     assert f"FAILED {broken['missing']}: no such file" in stdout
     assert sorted(p.name for p in out.iterdir()) == ["3_george_0.wav", "7_jackson_1.wav"]
@@ -413,3 +413,55 @@ def test_console_script_is_installed():
         ["eval", "--checkpoint", "c", "--task", "t", "--split", "s", "--out", "o"]
     )
     assert args.max_examples is None and args.vocoder == "griffin_lim"
+
+
+def test_a_folder_takes_every_audio_format_and_names_the_rest(tmp_path, capsys):
+    sf.write(tmp_path / "a.wav", np.zeros(160, np.float32), 16000)
+    sf.write(tmp_path / "b.flac", np.zeros(160, np.float32), 16000)
+    if "MP3" in sf.available_formats():
+        sf.write(tmp_path / "c.mp3", np.zeros(1600, np.float32), 16000)
+    (tmp_path / "notes.txt").write_text("not audio")
+    files, is_batch = cli.expand_inputs(str(tmp_path))
+    want = ["a.wav", "b.flac"] + (["c.mp3"] if "MP3" in sf.available_formats() else [])
+    assert is_batch and [f.name for f in files] == want
+    assert "left out 1 file(s) that are not audio: notes.txt" in capsys.readouterr().out
+
+
+def test_notes_silence_and_strict(checkpoint, fsdd_files, tmp_path, capsys):
+    """What loading changed is printed; a silent prompt is refused unless --allow-silent; with
+    --strict one failure makes the exit status 1."""
+    model_dir = checkpoint[0]
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    shutil.copy(fsdd_files[0], folder / "digit.wav")  # 8 kHz: resampled
+    sf.write(folder / "silent.wav", np.zeros(16000, np.float32), 16000)
+    common = ["--seconds", SECONDS, "--max-text-tokens", TEXT_TOKENS]
+    args = ["continue", "--checkpoint", model_dir, "--audio", folder, *common]
+    code, stdout, _ = _run(capsys, *args, "--out", tmp_path / "out", "--strict")
+    assert code == 1  # one of the two failed
+    note = "  note:         resampled 8000 Hz -> 16000 Hz"
+    assert note in stdout and stdout.index(note) > stdout.index("digit.wav")
+    assert f"FAILED {folder / 'silent.wav'}: audio is silent" in stdout
+    assert "--allow-silent" in stdout
+    code, stdout, _ = _run(capsys, *args, "--out", tmp_path / "out2", "--allow-silent")
+    assert code == 0 and "2 of 2 file(s) done, 0 failed" in stdout
+    note = "  note:         audio is silent"
+    assert note in stdout and stdout.index(note) > stdout.index("silent.wav")
+
+
+def test_a_truncated_checkpoint_is_one_message_and_nothing_is_written(
+    checkpoint, fsdd_files, tmp_path, capsys
+):
+    model_dir = checkpoint[0]
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    for f in (broken / "checkpoints" / "3" / "state").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(b"")
+    out = tmp_path / "out"
+    args = ["continue", "--checkpoint", broken, "--audio", fsdd_files[0].parent, "--out", out]
+    code, _, err = _run(capsys, *args)
+    assert code == 2 and "Traceback" not in err
+    (line,) = [e for e in err.splitlines() if "error:" in e]
+    assert f"checkpoint {broken / 'checkpoints' / '3'}" in line
+    assert not out.exists()

@@ -1,8 +1,11 @@
 """Loading, validating and writing speech files.
 
-`load_audio` reads WAV/FLAC/OGG (libsndfile via soundfile), downmixes, resamples to the model rate
-with soxr, and reports every change it made in `AudioInfo.changes`. Bad input raises `AudioError`
-naming the file and the problem; an all-silent file only warns, since silence is valid audio.
+`load_audio` reads every format libsndfile (via soundfile) reads here (`readable_suffixes`:
+WAV, FLAC, OGG/Opus, MP3, AIFF, ...), downmixes, resamples to the model rate with soxr, and
+reports every change it made in `AudioInfo.changes` and every oddity in `AudioInfo.warnings` (a
+WAV holding less audio than its header says, silence, clipping). Bad input raises `AudioError`
+naming the file and the problem in plain words (libsndfile's own message in parentheses); an
+all-silent file only warns, since silence is valid audio (the CLI refuses it unless asked).
 """
 
 from __future__ import annotations
@@ -20,8 +23,72 @@ SILENCE_PEAK = 1e-4
 CLIPPED_FRACTION = 0.01
 
 
+# File suffixes of the formats libsndfile can read, by its format name (headerless RAW and the
+# exotic ones left out); `readable_suffixes` keeps those this libsndfile build has.
+_SUFFIXES = {
+    "WAV": (".wav",),
+    "FLAC": (".flac",),
+    "OGG": (".ogg", ".oga", ".opus"),
+    "MP3": (".mp3",),
+    "AIFF": (".aiff", ".aif"),
+    "AU": (".au", ".snd"),
+    "CAF": (".caf",),
+    "W64": (".w64",),
+    "RF64": (".rf64",),
+}
+# libsndfile's messages in plain words.
+_PLAIN_WORDS = (
+    ("Format not recognised", "not an audio file, or not in a format this reader knows"),
+    ("lost sync", "damaged or cut short (the decoder lost its place in the data)"),
+    ("Unspecified internal error", "damaged or cut short"),
+    ("psf_fseek", "damaged or cut short (the data ends before the file says it does)"),
+    ("unknown format", "not an audio file, or not in a format this reader knows"),
+)
+
+
 class AudioError(ValueError):
     """A speech file that cannot be used; the message names the file and the problem."""
+
+
+def readable_suffixes() -> tuple[str, ...]:
+    """The file suffixes (".wav", ".mp3", ...) of the formats this libsndfile reads."""
+    import soundfile as sf
+
+    formats = sf.available_formats()
+    return tuple(sorted({x for name, xs in _SUFFIXES.items() if name in formats for x in xs}))
+
+
+def _plain(err: BaseException) -> str:
+    """libsndfile's error in plain words, its own message kept in parentheses."""
+    own = str(err).replace("\n", " ").strip()
+    for needle, words in _PLAIN_WORDS:
+        if needle in own:
+            return f"{words} ({own})"
+    return own or type(err).__name__
+
+
+def wav_header_frames(path: str | os.PathLike) -> int | None:
+    """The frames a RIFF/WAVE header promises (data chunk size / block align); None for other
+    files, and for streaming headers that leave the size open."""
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        block_align = 0
+        while True:
+            chunk = f.read(8)
+            if len(chunk) < 8:
+                return None
+            chunk_id, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+            if chunk_id == b"data":
+                if not block_align or size in (0, 0xFFFFFFFF):
+                    return None
+                return size // block_align
+            body = f.read(size + (size & 1))
+            if chunk_id == b"fmt " and len(body) >= 14:
+                block_align = struct.unpack("<H", body[12:14])[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +162,7 @@ def load_audio(
     try:
         meta = sf.info(name)
     except Exception as e:  # libsndfile's own errors are RuntimeError/LibsndfileError.
-        raise AudioError(f"{name}: not a readable audio file ({e})") from e
+        raise AudioError(f"{name}: {_plain(e)}") from e
     if meta.frames == 0:
         raise AudioError(f"{name}: audio is empty (zero samples)")
     if meta.frames / meta.samplerate > max_seconds:
@@ -107,9 +174,15 @@ def load_audio(
     try:
         data, rate = sf.read(name, dtype="float32", always_2d=True)  # [T, C]
     except Exception as e:
-        raise AudioError(f"{name}: could not decode audio ({e})") from e
+        raise AudioError(f"{name}: could not decode the audio: {_plain(e)}") from e
 
-    changes = []
+    changes, warnings = [], []
+    promised = wav_header_frames(name) if name.lower().endswith(".wav") else None
+    if promised is not None and promised > data.shape[0]:
+        warnings.append(
+            f"{name}: the header says {promised / rate:.2f} s ({promised} frames) but the file "
+            f"holds {data.shape[0] / rate:.2f} s ({data.shape[0]} frames): cut short?"
+        )
     if data.shape[1] > 1:
         changes.append(f"downmixed {data.shape[1]} channels to mono")
     waveform = data.mean(axis=1)
@@ -118,7 +191,7 @@ def load_audio(
     if rate != sample_rate:
         changes.append(f"resampled {rate} Hz -> {sample_rate} Hz")
         waveform = resample(waveform, rate, sample_rate)
-    warnings = validate_waveform(waveform, sample_rate, name, max_seconds)
+    warnings += validate_waveform(waveform, sample_rate, name, max_seconds)
     for message in changes:
         logging.info("%s: %s", name, message)
     for message in warnings:

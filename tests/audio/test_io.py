@@ -72,7 +72,7 @@ def test_zero_sample_wav(tmp_path):
 def test_text_file_named_wav(tmp_path):
     path = tmp_path / "notes.wav"
     path.write_text("this is not audio\n" * 20)
-    _expect_error(path, "not a readable audio file")
+    _expect_error(path, "not an audio file, or not in a format this reader knows")
 
 
 def test_nan_samples(tmp_path):
@@ -186,3 +186,53 @@ def test_write_wav_never_leaves_a_partial_file(tmp_path, monkeypatch):
 def test_write_wav_rejects_multichannel(tmp_path):
     with pytest.raises(ValueError, match="mono"):
         io.write_wav(tmp_path / "x.wav", np.zeros((2, 100), np.float32), RATE)
+
+
+# ------------------------------------------------------------------------------------------------
+# Formats, headers that promise more than the file holds, libsndfile's errors in plain words.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_every_readable_format_has_its_suffix():
+    suffixes = io.readable_suffixes()
+    assert {".wav", ".flac", ".ogg"} <= set(suffixes)
+    if "MP3" in sf.available_formats():
+        assert ".mp3" in suffixes
+
+
+@pytest.mark.skipif("MP3" not in sf.available_formats(), reason="libsndfile without MP3")
+def test_mp3_loads(tmp_path):
+    path = tmp_path / "tone.mp3"
+    sf.write(path, _tone(1.0), RATE)
+    wave, info = io.load_audio(path, RATE)
+    assert info.source_rate == RATE and abs(len(wave) - RATE) < 0.05 * RATE
+    assert _peak_hz(wave, RATE) == pytest.approx(440.0, abs=5)
+
+
+def test_wav_shorter_than_its_header_warns_with_both_lengths(tmp_path):
+    full = tmp_path / "full.wav"
+    sf.write(full, _tone(3.0), RATE, subtype="PCM_16")
+    assert io.wav_header_frames(full) == 3 * RATE
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(full.read_bytes()[: 44 + RATE * 2])  # 1 s of the 3 the header promises
+    wave, info = io.load_audio(cut, RATE)
+    assert len(wave) == RATE
+    (warning,) = info.warnings
+    assert warning == (
+        f"{cut}: the header says 3.00 s (48000 frames) but the file holds 1.00 s (16000 "
+        "frames): cut short?"
+    )
+    assert io.load_audio(full, RATE)[1].warnings == ()
+    assert io.wav_header_frames(tmp_path / "full.wav") == 48000
+    flac = tmp_path / "tone.flac"
+    sf.write(flac, _tone(), RATE)
+    assert io.wav_header_frames(flac) is None
+
+
+def test_a_cut_flac_is_damaged_in_plain_words(tmp_path):
+    flac = tmp_path / "tone.flac"
+    sf.write(flac, _tone(3.0), RATE)
+    cut = tmp_path / "cut.flac"
+    cut.write_bytes(flac.read_bytes()[:2000])
+    message = _expect_error(cut, "damaged or cut short")
+    assert "(" in message  # libsndfile's own words kept in parentheses
