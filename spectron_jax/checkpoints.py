@@ -53,6 +53,11 @@ class MissingVocabularyError(FileNotFoundError):
     """A checkpoint that records no vocabulary, with no vocabulary file given either."""
 
 
+class CheckpointSaveError(OSError):
+    """Writing a checkpoint failed (a full disk, a read-only directory); the steps written
+    before it are intact."""
+
+
 class UnreadableCheckpointsError(RuntimeError):
     """Every checkpoint step in a model dir failed to restore (nothing is started over them)."""
 
@@ -189,6 +194,8 @@ class Checkpointer:
         self.clock = clock
         self._vocabulary = vocabulary_record(vocabulary) if vocabulary is not None else None
         self._last_save_time = clock()
+        self._in_flight: int | None = None  # The step of a background save not yet waited for.
+        self._failure: CheckpointSaveError | None = None
         policies: list[Any] = [ocp.checkpoint_managers.LatestN(max(self.config.keep_last, 1))]
         if self.config.keep_every > 0:
             policies.append(ocp.checkpoint_managers.EveryNSteps(self.config.keep_every))
@@ -249,18 +256,54 @@ class Checkpointer:
         }
         if self._vocabulary is not None:
             items[VOCABULARY_ITEM] = self._vocabulary
-        saved = self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        try:
+            # An earlier background save's failure surfaces here too: name that step.
+            saved = self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as err:  # noqa: BLE001 - every write failure is the same message
+            raise self._save_failed(self._in_flight or step, err) from err
+        self._in_flight = step if self.config.async_save else None
         self._last_save_time = self.clock()
         logger.info("checkpoint: saving step %d to %s", step, self.directory)
         return saved
 
     def wait(self) -> None:
-        """Blocks until a background save is on disk."""
-        self.manager.wait_until_finished()
+        """Blocks until a background save is on disk.
+
+        Raises:
+          CheckpointSaveError: the save failed (nothing of it is listed as a step).
+        """
+        try:
+            self.manager.wait_until_finished()
+        except Exception as err:  # noqa: BLE001
+            raise self._save_failed(self._in_flight, err) from err
+        self._in_flight = None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
+
+    def _save_failed(self, step: int | None, err: BaseException) -> CheckpointSaveError:
+        """The error of a failed save, naming the step, the cause, and the intact checkpoint."""
+        if isinstance(err, CheckpointSaveError):
+            return err
+        if self._failure is not None:  # Orbax raises a background failure again on close.
+            return self._failure
+        self._in_flight = None
+        try:
+            good = self.latest_good_step()
+        except Exception:  # noqa: BLE001 - the directory itself may be what failed
+            good = None
+        kept = f"step {good} in {self.directory}" if good is not None else "none"
+        why = str(err).splitlines()[0][:300] if str(err) else ""
+        self._failure = CheckpointSaveError(
+            f"saving checkpoint step {step} to {self.directory} failed ({type(err).__name__}: "
+            f"{why}). Orbax writes a step into a temporary directory and renames it only when "
+            f"complete, so nothing half-written is listed. Newest complete checkpoint: {kept}. "
+            "Free disk space or fix the directory's permissions, then restart to resume from it."
+        )
+        return self._failure
 
     # -- restoring ------------------------------------------------------------------------------
 

@@ -438,6 +438,7 @@ flags.DEFINE_bool("check_config", False, "Only check the config (config_check) a
 EXPLAINED_ERRORS = (
     trainer_lib.NonFiniteLossError,
     checkpoints.UnreadableCheckpointsError,
+    checkpoints.CheckpointSaveError,
     checkpoints.LayerLayoutError,
 )
 

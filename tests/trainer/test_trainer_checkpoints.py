@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import pathlib
 import signal
 
 import jax
@@ -345,3 +346,40 @@ def test_resume_in_the_other_layout_is_an_error_not_a_fallback(tmp_path):
         np.asarray(restored.state["params"]["dec"]["layers_1"]["w"]),
         np.asarray(unrolled["dec"]["layers_1"]["w"]),
     )
+
+
+def _abstract_train_state():
+    mesh = _mesh()
+    trainer = trainer_lib.Trainer(tm.TinyModel(), mesh)
+    trainer.setup(partitioning.host_local_batch_to_global(tm.first_batch(), mesh))
+    return trainer.abstract_state
+
+
+@pytest.mark.parametrize("how", ["full", "readonly"])
+def test_a_failed_save_is_one_message_and_keeps_the_previous_checkpoint(tmp_path, how):
+    """The save of step 4 fails (a full disk, a read-only directory): exit code 1, one message
+    naming the step, the cause and the intact step 2, which restores as it was written."""
+    if how == "readonly" and os.geteuid() == 0:
+        pytest.skip("root writes to read-only directories")
+    import subprocess
+    import sys
+
+    worker = pathlib.Path(__file__).with_name("full_disk_worker.py")
+    proc = subprocess.run(
+        [sys.executable, str(worker), str(tmp_path), how],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    (tmp_path / "checkpoints").chmod(0o755)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    # The last word is ours (Orbax and asyncio log the failed writes above it).
+    line = [e for e in proc.stderr.splitlines() if e.strip()][-1]
+    assert line.startswith("error: "), proc.stderr[-3000:]
+    assert f"saving checkpoint step 4 to {tmp_path / 'checkpoints'} failed" in line
+    assert f"Newest complete checkpoint: step 2 in {tmp_path / 'checkpoints'}" in line
+    ckpt = checkpoints.Checkpointer(tmp_path / "checkpoints")
+    assert ckpt.steps() == [2]
+    restored = ckpt.restore(2, _abstract_train_state())
+    assert int(restored.state.step) == 2 and restored.data["batches_consumed"] == 2
+    ckpt.close()
