@@ -197,8 +197,12 @@ def train(
     with _undone_on_error(preemption.restore, stop_watching):
         start = _start(trainer, ckpt, dataset_fn, mesh, seed, init_rng, sources)
         logger.info("train: %s; at step %d of %d", start.source, start.step, num_steps)
-        # Compile once (AOT); XLA's FLOP count of the step feeds MFU.
-        flops = summaries.compiled_flops(trainer.compile_train_step(start.first_batch, dropout_rng))
+        # Compile once (AOT); XLA's FLOP count of the step feeds MFU. A run restarted after its
+        # last step has no step to compile.
+        flops = float("nan")
+        if start.step < num_steps:
+            compiled = trainer.compile_train_step(start.first_batch, dropout_rng)
+            flops = summaries.compiled_flops(compiled)
     writer = summaries.MetricsLogger(str(model_dir_path / "tensorboard"), num_steps, flops)
     run = _Run(model, trainer, ckpt, writer, str(model_dir_path), dataset_fn, start.state)
     run.step, run.consumed, run.seed = start.step, start.consumed, start.seed
