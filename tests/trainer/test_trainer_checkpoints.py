@@ -348,6 +348,28 @@ def test_resume_in_the_other_layout_is_an_error_not_a_fallback(tmp_path):
     )
 
 
+def test_a_sigterm_during_start_up_stops_after_the_first_step(tmp_path):
+    """The notice comes while the data pipeline is being built (before compile): the run
+    trains one step, saves it and returns instead of dying or training on."""
+    dataset_fn = tm.make_dataset_fn()
+
+    def signalled_while_starting(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return dataset_fn(*args)
+
+    result = train.train(
+        model=tm.TinyModel(),
+        dataset_fn=signalled_while_starting,
+        model_dir=str(tmp_path),
+        num_steps=20,
+        mesh=_mesh(),
+        log_every=100,
+        checkpoint_config=CKPT,
+    )
+    assert result.step == 1
+    assert checkpoints.Checkpointer(tmp_path / "checkpoints").steps() == [1]
+
+
 def _abstract_train_state():
     mesh = _mesh()
     trainer = trainer_lib.Trainer(tm.TinyModel(), mesh)
