@@ -70,12 +70,15 @@ def initialize_distributed(
 
     Auto-detection runs where `auto` is set (`--distributed`, which launch/tpu/tpu.sh passes:
     a Cloud TPU VM names its workers only through its metadata server) or the environment says
-    several processes take part (SLURM_NTASKS > 1, TPU_WORKER_HOSTNAMES, MEGASCALE_*).
-    Single-process runs skip it.
+    several processes take part (SLURM_NTASKS > 1, TPU_WORKER_HOSTNAMES naming more than one
+    host, MEGASCALE_COORDINATOR_ADDRESS). Single-process runs skip it.
     """
     env = os.environ
-    several = int(env.get("SLURM_NTASKS", "1")) > 1 or any(
-        env.get(k) for k in ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+    hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    several = (
+        int(env.get("SLURM_NTASKS", "1")) > 1
+        or len(hosts) > 1
+        or bool(env.get("MEGASCALE_COORDINATOR_ADDRESS"))
     )
     if coordinator_address:
         jax.distributed.initialize(coordinator_address, num_processes, process_id)

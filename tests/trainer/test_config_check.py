@@ -4,6 +4,7 @@ do not stop a run; the command line's exit code 2 without a traceback."""
 
 from __future__ import annotations
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -17,6 +18,8 @@ from spectron_jax import config_check
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SEARCH = [str(REPO), str(REPO / "gin")]
 TINY = ["gin/spectron_tiny.gin"]
+# What earlier tests may leave in os.environ that makes a run join jax.distributed.
+MULTI_PROCESS_VARIABLES = ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
 
 
 @pytest.fixture(autouse=True)
@@ -183,6 +186,7 @@ def test_the_command_line_prints_the_block_and_exits_2():
         capture_output=True,
         text=True,
         timeout=300,
+        env={k: v for k, v in os.environ.items() if k not in MULTI_PROCESS_VARIABLES},
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "error: the config has 1 problem:\n  --gin.TRAIN_STEPZ=5: no file" in proc.stderr

@@ -377,6 +377,7 @@ def _abstract_train_state():
     return trainer.abstract_state
 
 
+@pytest.mark.slow  # a training subprocess, ~20 s on 2 cores: kept out of the default suite
 @pytest.mark.parametrize("how", ["full", "readonly"])
 def test_a_failed_save_is_one_message_and_keeps_the_previous_checkpoint(tmp_path, how):
     """The save of step 4 fails (a full disk, a read-only directory): exit code 1, one message

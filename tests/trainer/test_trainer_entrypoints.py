@@ -231,7 +231,10 @@ def test_distributed_start_is_auto_detected_only_where_several_processes_run(mon
     for var in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"):
         monkeypatch.delenv(var, raising=False)
     train.initialize_distributed()  # One process on its own: nothing to join.
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "localhost")  # a single-host TPU VM
+    train.initialize_distributed()
     assert calls == []
+    monkeypatch.delenv("TPU_WORKER_HOSTNAMES")
     train.initialize_distributed(auto=True)  # --distributed (every Cloud TPU VM worker).
     monkeypatch.setenv("MEGASCALE_COORDINATOR_ADDRESS", "10.0.0.5:8080")
     train.initialize_distributed()
