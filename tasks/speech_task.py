@@ -174,7 +174,7 @@ def register_speech_task(
     target_config: SpectrogramConfig | None = None,
     vocabulary: seqio.Vocabulary | None = None,
     extra_preprocessors: Sequence[Callable] = (),
-    metric_fns: Sequence[Callable] = (seqio_metrics.text_metrics,),
+    metric_fns: Sequence[Callable] = (seqio_metrics.text_metrics, seqio_metrics.frame_metrics),
     overwrite: bool = True,
 ) -> seqio.Task:
     """Registers a Spectron task whose `source` yields raw examples (module docstring).
@@ -188,8 +188,8 @@ def register_speech_task(
       vocabulary: default: the tiny SentencePiece model shipped in `spectron_jax/assets`.
       extra_preprocessors: applied to raw examples before featurisation (e.g. a length filter).
       metric_fns: seqio metric functions of {"transcript", "continuation"} targets and
-        predictions (`seqio_metrics.postprocess` makes them): `text_metrics` by default,
-        `qa_metrics` for spoken QA.
+        predictions (`seqio_metrics.postprocess` makes them): `text_metrics` and (on the
+        frames of predict_with_aux) `frame_metrics` by default, `qa_metrics` for spoken QA.
       overwrite: replace an existing task of that name (re-registration with other configs).
 
     Returns:

@@ -604,6 +604,10 @@ def test_t5x_train_eval_infer_with_the_gin_files(tmp_path):
     assert metrics["step"] == 4
     for name in TEXT_METRICS:
         assert 0.0 <= metrics[name] <= 10.0, (name, metrics)
+    # The frames of predict_with_aux scored against the examples' own continuation frames.
+    assert 0.0 <= metrics["frame_length_ratio"] <= 10.0, metrics
+    assert 0.0 <= metrics["frame_empty_fraction"] <= 1.0, metrics
+    assert "frame_dtw_l1" in metrics
 
     for mode in ("predict_with_aux", "score"):
         out_dir = tmp_path / f"infer_{mode}"

@@ -9,7 +9,11 @@ prompt words, `evaluation.text.split_text`), and the metric functions score list
   text_metrics   transcript WER and exact match (what the model heard), continuation WER,
                  word accuracy and exact match (what it went on to say);
   qa_metrics     the transcript's, and the paper's spoken-QA match: the reference answer occurs
-                 in the generated answer (`metrics.qa_match`).
+                 in the generated answer (`metrics.qa_match`);
+  frame_metrics  the generated frames (aux of `predict_with_aux`: `frames`, `frame_lengths`)
+                 against the example's `continuation_frames`: DTW-L1 in log-mel units and the
+                 length ratio. seqio runs it on its own decoding pass with aux (T5X's
+                 evaluators decode once for the text metrics and once more for these).
 
 Evaluators read the targets from the field named by `TARGET_FIELD` (seqio's Evaluator and
 T5X's infer default to "targets", which these tasks do not have: bind
@@ -41,8 +45,9 @@ def _text(value: Any) -> str:
 
 def postprocess(
     output: Any, example: Mapping[str, Any] | None = None, is_target: bool = False
-) -> dict[str, str]:
-    """A seqio `postprocess_fn`: target or prediction -> {"transcript", "continuation"}.
+) -> dict[str, Any]:
+    """A seqio `postprocess_fn`: target or prediction -> {"transcript", "continuation"} (and,
+    for a target whose example has them, its reference "frames" float32[T, n_mels]).
 
     Args:
       output: the decoded text (a prediction, or the decoded target field).
@@ -64,7 +69,10 @@ def postprocess(
     prompt = _text(example["prompt_text"])
     continuation = _text(example.get("continuation_text", b""))
     if is_target:
-        return {"transcript": prompt, "continuation": continuation}
+        target: dict[str, Any] = {"transcript": prompt, "continuation": continuation}
+        if "continuation_frames" in example:  # The reference speech, for frame_metrics.
+            target["frames"] = np.asarray(example["continuation_frames"], np.float32)
+        return target
     transcript, rest = split_text(_text(output), prompt_text=prompt, reference_rest=continuation)
     return {"transcript": transcript, "continuation": rest}
 
@@ -126,3 +134,43 @@ def qa_metrics(targets: Sequence[Parts], predictions: Sequence[Parts]) -> dict[s
         [p["continuation"] for p in predictions], [t["continuation"] for t in targets]
     )
     return out
+
+
+def frame_metrics(
+    targets: Sequence[Mapping[str, Any]],
+    predictions: Sequence[Parts],
+    aux_values: Mapping[str, Sequence[Any]],
+) -> dict[str, float]:
+    """seqio predict_with_aux metric_fn: generated vs reference frames.
+
+    Args:
+      targets: postprocessed targets with "frames" float32[T_ref, M].
+      predictions: postprocessed predictions (unused: the frames come in aux).
+      aux_values: {"frames": float[T_max, M] per example, "frame_lengths": int per example}.
+
+    Returns:
+      frame_dtw_l1: mean DTW-L1 (log-mel units, `metrics.dtw_l1`) over the examples that
+        generated at least one frame; frame_length_ratio: mean generated / reference frames;
+        frame_empty_fraction: the fraction that generated none.
+    """
+    _check(targets, predictions)
+    if "frames" not in aux_values or any("frames" not in t for t in targets):
+        raise ValueError(
+            "frame_metrics needs aux 'frames' (predict_with_aux) and targets with reference "
+            "frames (examples with continuation_frames)"
+        )
+    lengths = aux_values.get("frame_lengths", [len(f) for f in aux_values["frames"]])
+    distances, ratios, empty = [], [], 0
+    for target, frames, length in zip(targets, aux_values["frames"], lengths, strict=True):
+        generated = np.asarray(frames, np.float32)[: int(length)]
+        reference = np.asarray(target["frames"], np.float32)
+        ratios.append(len(generated) / max(len(reference), 1))
+        if len(generated) and len(reference):
+            distances.append(metrics.dtw_l1(generated, reference))
+        else:
+            empty += 1
+    return {
+        "frame_dtw_l1": float(np.mean(distances)) if distances else float("nan"),
+        "frame_length_ratio": float(np.mean(ratios)),
+        "frame_empty_fraction": empty / len(targets),
+    }

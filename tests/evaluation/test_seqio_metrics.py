@@ -96,7 +96,7 @@ def test_seqio_evaluator_scores_a_registered_task():
         ids = [vocab.encode(t) + [vocab.eos_id] for t in written]
         width = max(map(len, ids))
         model_output = np.array([i + [0] * (width - len(i)) for i in ids])
-        (metric,) = task.metric_objs
+        metric, frame_metric = task.metric_objs
         instance = metric.from_model_output(
             examples, model_output, task.output_features, seqio_metrics.TARGET_FIELD
         )
@@ -106,5 +106,45 @@ def test_seqio_evaluator_scores_a_registered_task():
         assert value["transcript_exact_match"] == 1.0
         assert value["continuation_exact_match"] == pytest.approx(0.5)
         assert value["continuation_wer"] == pytest.approx(1 / 4)
+        # The frames come as aux (predict_with_aux): the examples' own frames score 0.
+        references = [ex["continuation_frames"] for ex in examples]
+        aux = {
+            "frames": np.stack(references),
+            "frame_lengths": np.array([len(f) for f in references]),
+        }
+        instance = frame_metric.from_model_output(
+            examples, (model_output, aux), task.output_features, seqio_metrics.TARGET_FIELD
+        )
+        value, _ = instance.actual_compute(
+            examples, task.output_features, seqio_metrics.TARGET_FIELD
+        )
+        assert value["frame_dtw_l1"] == pytest.approx(0.0, abs=1e-6)
+        assert value["frame_length_ratio"] == pytest.approx(1.0)
     finally:
         seqio.TaskRegistry.remove("spectron_test_seqio_metrics")
+
+
+def test_frame_metrics_against_known_frames():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(6, 4)).astype(np.float32)
+    targets = [{"transcript": "a", "continuation": "b", "frames": ref}] * 3
+    predictions = [{"transcript": "a", "continuation": "b"}] * 3
+    padded = np.zeros((10, 4), np.float32)
+    same, shifted = padded.copy(), padded.copy()
+    same[:6] = ref
+    shifted[:6] = ref + 0.5  # every bin 0.5 off: DTW-L1 is exactly 0.5 on the diagonal
+    aux = {"frames": [same, shifted, padded], "frame_lengths": [6, 6, 0]}
+    got = seqio_metrics.frame_metrics(targets, predictions, aux)
+    assert got["frame_dtw_l1"] == pytest.approx(0.25, abs=1e-6)  # (0 + 0.5) / 2 non-empty
+    assert got["frame_length_ratio"] == pytest.approx((1 + 1 + 0) / 3)
+    assert got["frame_empty_fraction"] == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="aux 'frames'"):
+        seqio_metrics.frame_metrics(targets, predictions, {})
+
+
+def test_targets_carry_the_reference_frames():
+    frames = np.ones((5, 3), np.float32)
+    target = seqio_metrics.postprocess(
+        "x", example={**EXAMPLE, "continuation_frames": frames}, is_target=True
+    )
+    np.testing.assert_array_equal(target["frames"], frames)
