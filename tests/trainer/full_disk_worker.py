@@ -6,7 +6,7 @@ Usage: python full_disk_worker.py MODEL_DIR full|readonly
 
 full: no file may grow past 1 byte any more (RLIMIT_FSIZE, with SIGXFSZ ignored: every write
 fails with EFBIG, what a full disk does to a writer). readonly: the checkpoint directory loses
-its write permission.
+its write permission (root, whom permissions do not stop, makes it immutable with chattr +i).
 """
 
 import os
@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import resource  # noqa: E402
 import signal  # noqa: E402
+import subprocess  # noqa: E402
 
 import tiny_model as tm  # noqa: E402
 
@@ -33,6 +34,8 @@ def on_batch(step, batch):
     if HOW == "full":
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (1, resource.RLIM_INFINITY))
+    elif os.geteuid() == 0:
+        subprocess.run(["chattr", "+i", os.path.join(MODEL_DIR, "checkpoints")], check=True)
     else:
         os.chmod(os.path.join(MODEL_DIR, "checkpoints"), 0o555)
 
