@@ -88,6 +88,34 @@ def straight(tmp_path_factory):
     return seconds, _final_state(model_dir), _batches(model_dir)[0]
 
 
+def _kill(proc, model_dir, rng, seconds: float, during_training: bool) -> str:
+    """SIGKILLs `proc` at a random moment; returns when, in words.
+
+    Even trials: uniform over the unbroken run's wall time (mostly start-up and compile, where
+    most of a short run's time goes). Odd trials: while training, a random 0-1.5 s after a
+    random step 1..STEPS-1 was reached (so during a step or an async checkpoint write).
+    """
+    began = time.monotonic()
+    if not during_training:
+        delay = rng.uniform(2.0, 0.95 * seconds)
+        try:
+            proc.wait(timeout=delay)
+            return f"planned at {delay:.1f} s: the run had finished"
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return f"at {delay:.1f} s of {seconds:.1f} s"
+    step, extra = rng.randint(1, STEPS - 1), rng.uniform(0.0, 1.5)
+    while proc.poll() is None and step not in _batches(model_dir).get(0, {}):
+        time.sleep(0.05)
+    time.sleep(extra)
+    if proc.poll() is not None:
+        return f"planned {extra:.1f} s into step {step}: the run had finished"
+    proc.kill()
+    proc.wait()
+    return f"{extra:.1f} s into step {step} ({time.monotonic() - began:.1f} s)"
+
+
 @pytest.mark.slow
 def test_random_kills_resume_bit_identically(straight, tmp_path):
     seconds, want_state, want_batches = straight
@@ -96,13 +124,8 @@ def test_random_kills_resume_bit_identically(straight, tmp_path):
     report = []
     for trial in range(TRIALS):
         model_dir = tmp_path / f"trial_{trial}"
-        delay = rng.uniform(2.0, 0.95 * seconds)
         proc = _start(model_dir, 0)
-        try:
-            proc.wait(timeout=delay)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        when = _kill(proc, model_dir, rng, seconds, during_training=trial % 2 == 1)
         killed_at = _batches(model_dir).get(0, {})
         log = model_dir.parent / f"{model_dir.name}.1.log"
         assert _start(model_dir, 1).wait(timeout=900) == 0, log.read_text()[-3000:]
@@ -120,8 +143,8 @@ def test_random_kills_resume_bit_identically(straight, tmp_path):
         assert set(batches.get(1, {})) == set(range(resumed_from + 1, STEPS + 1))
         assert resumed_from % 2 == 0 and resumed_from <= len(killed_at), (trial, resumed_from)
         report.append(
-            f"trial {trial}: SIGKILL at {delay:.1f} s of {seconds:.1f} s, after "
-            f"{len(killed_at)} steps; resumed from step {resumed_from}; bit-identical"
+            f"trial {trial}: SIGKILL {when}, after {len(killed_at)} steps; resumed from step "
+            f"{resumed_from}; bit-identical"
         )
         print(report[-1], flush=True)
         if os.environ.get("SPECTRON_FAULT_REPORT"):
