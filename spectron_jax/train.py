@@ -200,12 +200,7 @@ def train(
     with _undone_on_error(preemption.restore, stop_watching):
         start = _start(trainer, ckpt, dataset_fn, mesh, seed, init_rng, sources)
         logger.info("train: %s; at step %d of %d", start.source, start.step, num_steps)
-        # Compile once (AOT); XLA's FLOP count of the step feeds MFU. A run restarted after its
-        # last step has no step to compile.
-        flops = float("nan")
-        if start.step < num_steps:
-            compiled = trainer.compile_train_step(start.first_batch, dropout_rng)
-            flops = summaries.compiled_flops(compiled)
+        flops = _compile(trainer, start, dropout_rng, num_steps)
     writer = summaries.MetricsLogger(str(model_dir_path / "tensorboard"), num_steps, flops)
     run = _Run(model, trainer, ckpt, writer, str(model_dir_path), dataset_fn, start.state)
     run.step, run.consumed, run.seed = start.step, start.consumed, start.seed
@@ -237,6 +232,14 @@ def train(
         run.writer.close()
         stop_watching()
     return TrainResult(run.state, run.step, last, start.source, str(ckpt.directory))
+
+
+def _compile(trainer: trainer_lib.Trainer, start: _Start, rng: jax.Array, num_steps: int) -> float:
+    """Compiles the train step once (AOT); returns XLA's FLOP count of it, which feeds MFU
+    (NaN for a run restarted after its last step: it has no step to compile)."""
+    if start.step >= num_steps:
+        return float("nan")
+    return summaries.compiled_flops(trainer.compile_train_step(start.first_batch, rng))
 
 
 @contextlib.contextmanager
