@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -91,7 +92,8 @@ def parse_and_check(
         gin.parse_config_files_and_bindings(list(files), [], finalize_config=False)
     except (ValueError, OSError) as err:
         raise ConfigError([_gin_problem(err, " ".join(files))]) from None
-    known = set(_MACRO_NAME.findall(gin.config_str())) | set(_MACRO_USE.findall(gin.config_str()))
+    parsed = gin.config_str()
+    known = set(_MACRO_NAME.findall(parsed)) | set(_MACRO_USE.findall(parsed))
     problems = [p for b in bindings for p in _unknown_macro(b, known)]
     for binding in bindings:
         try:
@@ -263,7 +265,7 @@ def _batch_problems() -> list[Problem]:
         return [Problem("create_mesh", NO_VALUE, without_gin_context(err))]
     replicas = mesh.shape["data"] * mesh.shape["fsdp"]
     processes = jax.process_count()
-    step = replicas * processes // _gcd(replicas, processes)
+    step = math.lcm(replicas, processes)
     if batch % step:
         where = f"data {mesh.shape['data']} x fsdp {mesh.shape['fsdp']} devices"
         if processes > 1:
@@ -271,12 +273,6 @@ def _batch_problems() -> list[Problem]:
         valid = f"must divide by {step} ({where}): e.g. {max(step, batch // step * step)}"
         return [Problem("BATCH_SIZE", batch, valid)]
     return []
-
-
-def _gcd(a: int, b: int) -> int:
-    import math
-
-    return math.gcd(a, b)
 
 
 def _schedule_warnings() -> list[Problem]:

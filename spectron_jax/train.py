@@ -443,27 +443,30 @@ flags.DEFINE_bool(
 flags.DEFINE_bool("verbose", False, "Show the traceback of the errors explained in one message.")
 flags.DEFINE_bool("check_config", False, "Only check the config (config_check) and exit.")
 
-# Run-time failures the command line explains in one message (exit code 1): the message names
-# the step, the checkpoint or the setting; the traceback adds nothing a user can act on.
-EXPLAINED_ERRORS = (
-    trainer_lib.NonFiniteLossError,
-    checkpoints.UnreadableCheckpointsError,
-    checkpoints.CheckpointSaveError,
-    checkpoints.LayerLayoutError,
-)
+# Failures the command line explains in one message, with their exit codes: a bad config (2,
+# nothing was started) and run-time failures (1). The message names the setting, the step or
+# the checkpoint; the traceback adds nothing a user can act on.
+EXPLAINED_ERRORS = {
+    config_check.ConfigError: 2,
+    trainer_lib.NonFiniteLossError: 1,
+    checkpoints.UnreadableCheckpointsError: 1,
+    checkpoints.CheckpointSaveError: 1,
+    checkpoints.LayerLayoutError: 1,
+}
 
 
 @contextlib.contextmanager
 def explained_errors(verbose: bool = False) -> Iterator[None]:
-    """`EXPLAINED_ERRORS` become "error: <message>" on stderr and exit code 1 (with `verbose`
-    they propagate, traceback and all)."""
+    """`EXPLAINED_ERRORS` become "error: <message>" on stderr and their exit code (with
+    `verbose` they propagate, traceback and all)."""
     try:
         yield
-    except EXPLAINED_ERRORS as err:
+    except tuple(EXPLAINED_ERRORS) as err:
         if verbose:
             raise
         print(f"error: {config_check.without_gin_context(err)}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
+        code = next(c for kind, c in EXPLAINED_ERRORS.items() if isinstance(err, kind))
+        raise SystemExit(code) from None
 
 
 def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
@@ -501,21 +504,15 @@ def main(argv: Sequence[str]) -> None:
     initialize_distributed(
         FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.distributed
     )
-    try:
+    with explained_errors(FLAGS.verbose):
         warnings = config_check.parse_and_check(
             FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths
         )
-    except config_check.ConfigError as err:
-        if FLAGS.verbose:
-            raise
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
-    if warnings:
-        logger.warning("config warnings:\n%s", "\n".join(map(str, warnings)))
-    if FLAGS.check_config:
-        print(f"config OK ({len(warnings)} warnings): {', '.join(FLAGS.gin_file)}")
-        return
-    with explained_errors(FLAGS.verbose):
+        if warnings:
+            logger.warning("config warnings:\n%s", "\n".join(map(str, warnings)))
+        if FLAGS.check_config:
+            print(f"config OK ({len(warnings)} warnings): {', '.join(FLAGS.gin_file)}")
+            return
         if FLAGS.mode == "eval":
             evaluate_checkpoint()
         else:
