@@ -92,11 +92,36 @@ def _resolve(name: str, modules: dict[str, pathlib.Path]) -> str | None:
     return None
 
 
-def _imports(module: str, path: pathlib.Path, modules: dict[str, pathlib.Path]) -> set[str]:
-    """First-party modules `module` imports anywhere in its file."""
+def _parse_all() -> dict[pathlib.Path, ast.Module]:
+    roots = [*PACKAGES.values(), REPO / "benchmarks", REPO / "scripts"]
+    return {
+        path: ast.parse(path.read_text(), filename=str(path))
+        for root in roots
+        for path in sorted(root.rglob("*.py"))
+    }
+
+
+# Parsed at import, while pytest collects and before any test has started a thread: CPython
+# 3.11 keeps one AST-construction state per interpreter, and a traceback formatted meanwhile on
+# another thread (3.11 parses source lines for its ^^^ markers, e.g. an unraisable exception in
+# a finished test's checkpoint thread) breaks a parse with "SystemError: AST constructor
+# recursion depth mismatch".
+TREES = _parse_all()
+PROBE_SOURCE = (
+    "from typing import TYPE_CHECKING\n"
+    "if TYPE_CHECKING:\n    from spectron_jax.models import SpectronModel\n"
+    "def f():\n    from spectron_jax import cli\n"
+)
+PROBE_TREE = ast.parse(PROBE_SOURCE)
+
+
+def _imports(
+    module: str, path: pathlib.Path, modules: dict[str, pathlib.Path], tree: ast.Module
+) -> set[str]:
+    """First-party modules `module` (file `path`, parsed as `tree`) imports anywhere."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    for node in ast.walk(tree):
         names = []
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
@@ -116,7 +141,7 @@ def _imports(module: str, path: pathlib.Path, modules: dict[str, pathlib.Path]) 
 @pytest.fixture(scope="module")
 def graph() -> dict[str, set[str]]:
     modules = _modules()
-    return {m: _imports(m, p, modules) for m, p in modules.items()}
+    return {m: _imports(m, p, modules, TREES[p]) for m, p in modules.items()}
 
 
 def test_every_module_has_a_floor(graph):
@@ -156,25 +181,19 @@ def test_the_import_graph_has_no_cycle(graph):
 
 def test_the_checks_see_real_violations(tmp_path):
     """The walker finds lazy and TYPE_CHECKING imports, so the tests above can fail."""
-    source = (
-        "from typing import TYPE_CHECKING\n"
-        "if TYPE_CHECKING:\n    from spectron_jax.models import SpectronModel\n"
-        "def f():\n    from spectron_jax import cli\n"
-    )
     path = tmp_path / "probe.py"
-    path.write_text(source)
+    path.write_text(PROBE_SOURCE)
     modules = _modules()
-    found = _imports("spectron_jax.nn.probe", path, modules)
+    found = _imports("spectron_jax.nn.probe", path, modules, PROBE_TREE)
     assert found == {"spectron_jax", "spectron_jax.models", "spectron_jax.cli"}
     assert floor("spectron_jax.nn.probe") < floor("spectron_jax.models")
 
 
 def _functions():
-    for root in (REPO / "spectron_jax", REPO / "tasks", REPO / "benchmarks", REPO / "scripts"):
-        for path in sorted(root.rglob("*.py")):
-            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-                    yield path.relative_to(REPO), node
+    for path, tree in TREES.items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                yield path.relative_to(REPO), node
 
 
 def test_no_function_is_longer_than_100_lines():

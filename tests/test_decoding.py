@@ -312,11 +312,14 @@ def test_special_ids_are_traced_and_resolved_from_the_model(setup):
         default.with_model_ids(type("NoIds", (), {"eos_id": 1})())
 
 
+# Parsed at import (collection), before any test starts a thread: see test_code_shape.TREES.
+DECODING_TREE = ast.parse(pathlib.Path(decoding.__file__).read_text())
+
+
 def test_decoding_does_not_import_models():
     """decoding codes against `interfaces.Model`: models.py imports decoding, not the reverse."""
-    tree = ast.parse(pathlib.Path(decoding.__file__).read_text())
     imported = set()
-    for node in ast.walk(tree):
+    for node in ast.walk(DECODING_TREE):
         if isinstance(node, ast.Import):
             imported.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -438,8 +441,8 @@ def scheduled_decoding(monkeypatch):
     real_step = decoding._frame_step
     logits = jnp.asarray(np.log(SCHEDULE / (1 - SCHEDULE)))
 
-    def step(module, prev, positions, mask):
-        group, _ = real_step(module, prev, positions, mask)  # Keeps the cache writes.
+    def step(module, prev, positions, mask, **head_args):
+        group, _ = real_step(module, prev, positions, mask, **head_args)  # Keeps the cache writes.
         j = prev[:, 0, 0].astype(jnp.int32)  # Group j - 1 holds j; group -1 is zeros.
         return jnp.ones_like(group) + prev, jnp.take_along_axis(logits, j[:, None], axis=1)
 
