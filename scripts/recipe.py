@@ -24,6 +24,8 @@ The variants (stage 3 = gin/recipe/stage3_spectron.gin):
 | encoder_trained | the stage-1 encoder trained with the rest instead of frozen |
 | r1 | reduction factor 1 instead of 2 |
 | no_transcript | trained and tested without the prompt transcript (no "chain of thought") |
+| gaussian | the MELLE-style gaussian frame head instead of the regression post-net |
+| energy_distance | the SLED-style energy-distance frame head instead of the regression post-net |
 | fsdd | full, trained and tested on FSDD counting (6 real speakers) |
 
 Knowledge retention (docs/RECIPE.md): full, random_lm and no_transcript are also decoded on the
@@ -73,6 +75,8 @@ ORDER = (
     "no_derivatives",
     "no_transcript",
     "encoder_trained",
+    "gaussian",
+    "energy_distance",
     "r1",
 )
 
@@ -104,6 +108,10 @@ def variants(stage1: str, stage2: str) -> list[Variant]:
             ("spectron.spectron_config.encoder_frozen=False",),
         ),
         Variant("r1", "reduction factor 1", ("spectron.spectron_config.reduction_factor=1",)),
+        *(
+            Variant(head, f"{head} frame head", (f"spectron.spectron_config.frame_head='{head}'",))
+            for head in ("gaussian", "energy_distance")
+        ),
         Variant(
             "no_transcript",
             "no prompt transcript",

@@ -38,7 +38,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from spectron_jax.nn import stack
+from spectron_jax.nn import frame_heads, stack
 
 PyTree = Any
 logger = logging.getLogger(__name__)
@@ -62,8 +62,29 @@ class UnreadableCheckpointsError(RuntimeError):
     """Every checkpoint step in a model dir failed to restore (nothing is started over them)."""
 
 
-class LayerLayoutError(ValueError):
+class ConfigMismatchError(ValueError):
+    """A checkpoint was written by a differently built model: never taken for a damaged one."""
+
+
+class LayerLayoutError(ConfigMismatchError):
     """The checkpoint holds the layers scanned where the model unrolls them, or the reverse."""
+
+
+class FrameHeadMismatchError(ConfigMismatchError):
+    """The checkpoint's frame head (`SpectronConfig.frame_head`) is not the config's."""
+
+
+def _check_frame_head(expected: Mapping[str, Any], stored: Mapping[str, Any], what: str) -> None:
+    """Raises `FrameHeadMismatchError` when the two `{"params": ...}` trees' heads differ."""
+    want = frame_heads.kind_of_params(dict(expected.get("params", {})))
+    got = frame_heads.kind_of_params(dict(stored.get("params", {})))
+    if want and got and want != got:
+        raise FrameHeadMismatchError(
+            f"{what} was written with frame_head={got!r}; the config asks for frame_head="
+            f"{want!r}. Set spectron.spectron_config.frame_head = {got!r} to resume it, or "
+            "start a new model dir with train.init_checkpoint taking only the subtrees both "
+            "heads share (encoder, connector, decoder, pre_net)."
+        )
 
 
 def tree_metadata(directory: str | epath.Path) -> dict[str, Any]:
@@ -323,13 +344,16 @@ class Checkpointer:
         Raises:
           LayerLayoutError: the step stores layers scanned where the model unrolls them (or the
             reverse): a config mismatch, named, never taken for a damaged checkpoint.
+          FrameHeadMismatchError: the step's frame head is not the model's.
         """
         state_dir = self.directory / str(step) / "state"
         if state_dir.is_dir():
             # A TrainState is no mapping: its params are what can be laid out either way.
             params = getattr(abstract_state, "params", None)
             expected = abstract_state if params is None else {"params": params}
-            mismatches = stack.layout_mismatches(expected, tree_metadata(state_dir))
+            stored = tree_metadata(state_dir)
+            _check_frame_head(expected, stored, f"checkpoint step {step} in {self.directory}")
+            mismatches = stack.layout_mismatches(expected, stored)
             if mismatches:
                 raise LayerLayoutError(
                     f"checkpoint step {step} in {self.directory} was written with the other "
@@ -364,7 +388,7 @@ class Checkpointer:
         for step in reversed(self.steps()):
             try:
                 restored = self.restore(step, abstract_state)
-            except LayerLayoutError:
+            except ConfigMismatchError:
                 raise
             except Exception as err:  # noqa: BLE001 - any read failure means "try the previous"
                 unreadable[step] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
@@ -480,7 +504,8 @@ def load_subtrees(
       unstacked on the way in.
 
     Raises:
-      KeyError: a path is missing; ValueError: a shape differs.
+      KeyError: a path is missing; ValueError: a shape differs; FrameHeadMismatchError: the
+      whole params tree is asked for and the checkpoint's frame head is another.
     """
     if not isinstance(subtrees, Mapping):
         subtrees = {p: p for p in subtrees}
@@ -493,6 +518,7 @@ def load_subtrees(
         )
         _merge(target, _nest(src, abstract))
     stored = tree_metadata(directory)
+    _check_frame_head(target, stored, str(directory))
     relayout = bool(stack.layout_mismatches(target, stored))
     request = stack.abstract_in_layout_of(target, stored) if relayout else target
     restored = ocp.PyTreeCheckpointer().restore(

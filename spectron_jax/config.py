@@ -24,6 +24,7 @@ from spectron_jax.losses import LossConfig
 from spectron_jax.nn import stack
 from spectron_jax.nn.conformer import ConformerConfig
 from spectron_jax.nn.decoder import DecoderConfig
+from spectron_jax.nn.frame_heads import FrameHeadConfig
 from spectron_jax.nn.layers import ceil_div
 from spectron_jax.nn.spec_augment import SpecAugmentConfig
 
@@ -48,7 +49,11 @@ class SpectronConfig:
       prenet_hidden_dim: width of the pre-net's two layers.
       prenet_dropout: pre-net dropout rate (Tacotron 2: 0.5).
       prenet_dropout_at_inference: keep pre-net dropout on outside training.
-      postnet_hidden_dim: width of the post-net's hidden layer.
+      postnet_hidden_dim: width of the frame head's hidden layers (the post-net's, for the
+        regression head).
+      frame_head: the head that turns a frame slot's hidden state into frames
+        (`nn.frame_heads`: "regression", the paper's post-net; "gaussian"; "energy_distance").
+        A kind name is taken as `FrameHeadConfig(kind=name)`.
       primer_frames: the acoustic prompt K: the speech stream starts with the last K frames of
         the prompt's own log-mel, fed through the pre-net (no loss on them) before the first
         continuation frame, in training and in decoding alike. 0 (the paper's layout): the
@@ -75,6 +80,7 @@ class SpectronConfig:
     prenet_dropout: float = 0.5
     prenet_dropout_at_inference: bool = True
     postnet_hidden_dim: int = 512
+    frame_head: FrameHeadConfig = FrameHeadConfig()
     primer_frames: int = 0
     stop_head: bool = False
     loss: LossConfig = LossConfig()
@@ -83,6 +89,8 @@ class SpectronConfig:
     param_dtype: str = "float32"
 
     def __post_init__(self):
+        if isinstance(self.frame_head, str):  # `frame_head = "gaussian"` from gin or a dict.
+            object.__setattr__(self, "frame_head", FrameHeadConfig(kind=self.frame_head))
         problems = []
         if self.encoder_front_end not in FRONT_ENDS:
             problems.append(f"encoder_front_end={self.encoder_front_end!r} not in {FRONT_ENDS}")
@@ -166,6 +174,7 @@ _SUB_CONFIGS = {
     "spectrogram": SpectrogramConfig,
     "loss": LossConfig,
     "spec_augment": SpecAugmentConfig,
+    "frame_head": FrameHeadConfig,
 }
 
 
@@ -196,6 +205,12 @@ def spectrogram_config(**kwargs) -> SpectrogramConfig:
 def loss_config(**kwargs) -> LossConfig:
     """`LossConfig(**bindings)`."""
     return LossConfig(**kwargs)
+
+
+@gin.configurable(module="spectron")
+def frame_head_config(**kwargs) -> FrameHeadConfig:
+    """`FrameHeadConfig(**bindings)`, e.g. `spectron.frame_head_config.kind = "gaussian"`."""
+    return FrameHeadConfig(**kwargs)
 
 
 @gin.configurable(module="spectron")

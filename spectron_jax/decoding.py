@@ -34,13 +34,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from spectron_jax import partitioning
@@ -67,6 +68,8 @@ class DecodeConfig:
       max_frames: spectrogram frames to generate (the requested duration); with the stop logit
         the most a row may generate.
       temperature: softmax temperature; 0 = greedy.
+      frame_temperature: noise scale of a stochastic frame head (`nn.frame_heads`); 0 = its
+        mean (deterministic). No effect on the regression head.
       top_k: keep the k most likely tokens when sampling; 0 = off.
       top_p: nucleus sampling mass; 1 = off.
       text_mode: "free" (generate text, then speech), "forced" (take the batch's
@@ -82,6 +85,7 @@ class DecodeConfig:
     max_text_tokens: int = 64
     max_frames: int = 500
     temperature: float = 0.0
+    frame_temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     text_mode: str = "free"
@@ -101,6 +105,8 @@ class DecodeConfig:
             problems.append(f"max_frames={self.max_frames} must be >= 0")
         if self.temperature < 0:
             problems.append(f"temperature={self.temperature} must be >= 0")
+        if self.frame_temperature < 0:
+            problems.append(f"frame_temperature={self.frame_temperature} must be >= 0")
         if self.top_k < 0:
             problems.append(f"top_k={self.top_k} must be >= 0")
         if not 0.0 < self.top_p <= 1.0:
@@ -130,6 +136,7 @@ class DecodeConfig:
         return dataclasses.replace(
             self,
             temperature=float(self.temperature > 0),
+            frame_temperature=1.0,
             top_k=int(self.top_k > 0),
             top_p=0.5 if self.top_p < 1.0 else 1.0,
             use_stop_logit=False,
@@ -212,6 +219,12 @@ def sample_tokens(
 # ------------------------------------------------------------------------------------------------
 
 
+def frame_noise_key(rng: jax.Array) -> jax.Array:
+    """The `sample` stream key of a stochastic frame head, from a decode call's rng (group j of
+    the continuation then draws from `fold_in(this, j)`: `nn.frame_heads.slot_noise`)."""
+    return jax.random.fold_in(rng, 2**21)
+
+
 def _decoder_chunk(module: Spectron, x, positions, mask):
     """float[B, T, D] embeddings -> hidden, written into the KV cache at its index."""
     return module.decoder(x, positions, mask, decode=True)
@@ -223,11 +236,15 @@ def _text_step(module: Spectron, tokens, positions, mask):
     return module.decoder.logits(hidden)
 
 
-def _frame_step(module: Spectron, prev_groups, positions, mask):
-    """float32[B, 1, r*M] previous group -> (next group float32[B, 1, r*M], stop or None)."""
+def _frame_step(module: Spectron, prev_groups, positions, mask, group_index=None, temperature=1.0):
+    """float32[B, T, r*M] previous groups -> (next groups float32[B, T, r*M], stop or None).
+
+    `group_index` int32[T]: the groups' indices in the continuation (the frame head's noise
+    keys); `temperature`: the frame head's noise scale.
+    """
     x = module.frame_inputs(prev_groups, deterministic=True)  # Pre-net dropout as configured.
     hidden = module.decoder(x, positions, mask, decode=True)
-    return module.frame_outputs(hidden)
+    return module.frame_outputs(hidden, group_index, temperature)
 
 
 def _embed(module: Spectron, tokens):
@@ -330,6 +347,7 @@ class _Program:
     knobs: Mapping[str, jax.Array]
     sample_rng: jax.Array
     dropout_rng: jax.Array
+    frame_noise_rng: jax.Array
 
     def apply(self, method, *args):
         """`method(module, *args)` without the cache."""
@@ -342,7 +360,10 @@ class _Program:
             *args,
             method=method,
             mutable=["cache"],
-            rngs={"dropout": self.dropout_rng if rng is None else rng},
+            rngs={
+                "dropout": self.dropout_rng if rng is None else rng,
+                "sample": self.frame_noise_rng,
+            },
         )
         return out, updated["cache"]
 
@@ -529,7 +550,10 @@ def _frame_cond(s: FrameLoopState) -> jax.Array:
 def _frame_body(prog: _Program, s: FrameLoopState) -> FrameLoopState:
     """Feeds the previous group through the pre-net and writes the post-net's group j."""
     rng = jax.random.fold_in(prog.dropout_rng, s.j)
-    (group, stop), cursor = prog.step(s.cursor, _frame_step, s.prev[:, None], s.active, rng)
+    step = functools.partial(
+        _frame_step, group_index=s.j[None], temperature=prog.knobs["frame_temperature"]
+    )
+    (group, stop), cursor = prog.step(s.cursor, step, s.prev[:, None], s.active, rng)
     group = group[:, 0].astype(jnp.float32)
     groups = s.groups.at[:, s.j].set(jnp.where(s.active[:, None], group, 0.0))
     stop_probs, still = s.stop_probs, s.active
@@ -566,24 +590,18 @@ def _feed_primer(
     return advanced, groups[:, -1].astype(jnp.float32)
 
 
-def _decode_frames(
+def _frame_state(
     prog: _Program, cursor: CacheCursor, n_groups: int, prev: jax.Array | None = None
-) -> dict[str, jax.Array]:
-    """Generates up to `n_groups` frame groups after the text, each fed back through the pre-net.
+) -> FrameLoopState:
+    """The frame loop's carry before group 0.
 
     Args:
       prev: float32[B, r * n_mels] the pre-net input of group 0 (the last primer group);
         None = zeros, as in training without a primer.
-
-    Returns:
-      `frames` float32[B, max_frames, n_mels], `frame_lengths` int32[B], `stopped` bool[B]
-      (the stop logit ended the row; False for rows that ran to `n_groups`) and, with a stop
-      head, `stop_probs` float32[B, n_groups].
     """
     c = prog.module.config
-    r, n_mels, max_frames = c.reduction_factor, c.n_mels, prog.options.max_frames
-    b, group_dim = cursor.next_pos.shape[0], r * n_mels
-    state = FrameLoopState(
+    b, group_dim = cursor.next_pos.shape[0], c.reduction_factor * c.n_mels
+    return FrameLoopState(
         cursor=cursor,
         prev=jnp.zeros((b, group_dim), jnp.float32) if prev is None else prev,
         active=jnp.ones((b,), bool),
@@ -592,9 +610,23 @@ def _decode_frames(
         count=jnp.zeros((b,), jnp.int32),
         j=jnp.asarray(0, jnp.int32),
     )
-    state = jax.lax.while_loop(_frame_cond, functools.partial(_frame_body, prog), state)
+
+
+def _run_frames(prog: _Program, state: FrameLoopState, until: jax.Array | None = None):
+    """The frame loop from `state` until every row stopped, all groups are made or group
+    `until` (exclusive; a traced int32) is reached: one call, or one chunk of a stream."""
+    cond = _frame_cond if until is None else (lambda s: _frame_cond(s) & (s.j < until))
+    return jax.lax.while_loop(cond, functools.partial(_frame_body, prog), state)
+
+
+def _frame_outputs(prog: _Program, state: FrameLoopState) -> dict[str, jax.Array]:
+    """`frames` float32[B, max_frames, n_mels], `frame_lengths` int32[B], `stopped` bool[B]
+    (the stop logit ended the row; False for rows that ran to the end) and, with a stop head,
+    `stop_probs` float32[B, n_groups]."""
+    c = prog.module.config
+    r, max_frames = c.reduction_factor, prog.options.max_frames
     out = {
-        "frames": ungroup_frames(state.groups, n_mels)[:, :max_frames],
+        "frames": ungroup_frames(state.groups, c.n_mels)[:, :max_frames],
         "frame_lengths": jnp.minimum(state.count * r, max_frames).astype(jnp.int32),
         # A row is inactive at the end only if its stop fired (possibly on the last group).
         "stopped": ~state.active,
@@ -602,6 +634,38 @@ def _decode_frames(
     if c.stop_head:
         out["stop_probs"] = state.stop_probs
     return out
+
+
+def _program(
+    module: Spectron, options: DecodeConfig, params: PyTree, knobs: Mapping[str, jax.Array]
+) -> _Program:
+    """The trace-time closure; its rngs derive from `knobs["rng"]` alone, so every compiled
+    phase of one stream rebuilds the same ones."""
+    sample_rng, dropout_rng = jax.random.split(knobs["rng"])
+    noise_rng = frame_noise_key(knobs["rng"])
+    return _Program(module, options, params, knobs, sample_rng, dropout_rng, noise_rng)
+
+
+def _text_then_frame_state(
+    prog: _Program, batch: Mapping[str, jax.Array]
+) -> tuple[dict[str, jax.Array], FrameLoopState | None]:
+    """Prefill, the text phase and the primer: (text outputs, the frame loop's first carry, or
+    None for "text_only")."""
+    hidden, cursor, first_tokens, first_valid = _prefill(prog, batch)
+    if prog.options.text_mode == "forced":
+        tokens, lengths = _forced_text(
+            first_tokens, first_valid, prog.options.max_text_tokens, prog.knobs["eos_id"]
+        )
+    else:
+        tokens, lengths, cursor = _decode_text(prog, hidden, cursor)
+    text = {"text_tokens": tokens, "text_lengths": lengths}
+    n_groups = _num_groups(prog.options, prog.module.config.reduction_factor)
+    if n_groups == 0:
+        return text, None
+    prev = None
+    if prog.module.config.primer_frames:
+        cursor, prev = _feed_primer(prog, cursor, batch)
+    return text, _frame_state(prog, cursor, n_groups, prev)
 
 
 def _generate(
@@ -612,27 +676,15 @@ def _generate(
     knobs: Mapping[str, jax.Array],
 ) -> dict[str, jax.Array]:
     """The traced program: prefill, then the text phase, then the frame phase (see `generate`)."""
-    sample_rng, dropout_rng = jax.random.split(knobs["rng"])
-    prog = _Program(module, options, params, knobs, sample_rng, dropout_rng)
-    hidden, cursor, first_tokens, first_valid = _prefill(prog, batch)
-    if options.text_mode == "forced":
-        tokens, lengths = _forced_text(
-            first_tokens, first_valid, options.max_text_tokens, knobs["eos_id"]
-        )
-    else:
-        tokens, lengths, cursor = _decode_text(prog, hidden, cursor)
-    out = {"text_tokens": tokens, "text_lengths": lengths}
-    n_groups = _num_groups(options, module.config.reduction_factor)
-    if n_groups == 0:
-        b = hidden.shape[0]
+    prog = _program(module, options, params, knobs)
+    out, state = _text_then_frame_state(prog, batch)
+    if state is None:
+        b = out["text_tokens"].shape[0]
         out["frames"] = jnp.zeros((b, 0, module.config.n_mels), jnp.float32)
         out["frame_lengths"] = jnp.zeros((b,), jnp.int32)
         out["stopped"] = jnp.zeros((b,), bool)
         return out
-    prev = None
-    if module.config.primer_frames:
-        cursor, prev = _feed_primer(prog, cursor, batch)
-    out.update(_decode_frames(prog, cursor, n_groups, prev))
+    out.update(_frame_outputs(prog, _run_frames(prog, state)))
     return out
 
 
@@ -706,6 +758,7 @@ def _knobs(config: DecodeConfig, rng: jax.Array | None) -> dict[str, jax.Array]:
     return {
         "rng": jax.random.PRNGKey(config.seed) if rng is None else rng,
         "temperature": jnp.asarray(max(config.temperature, 1e-6), jnp.float32),
+        "frame_temperature": jnp.asarray(config.frame_temperature, jnp.float32),
         "top_k": jnp.asarray(config.top_k, jnp.int32),
         "top_p": jnp.asarray(config.top_p, jnp.float32),
         "stop_threshold": jnp.asarray(
@@ -774,6 +827,95 @@ def generate(
         return program(params, inputs, _knobs(config, rng))
 
 
+# ------------------------------------------------------------------------------------------------
+# Streaming: the same loop in chunks, the cache kept on device between them.
+# ------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_stream(model_config: SpectronConfig, options: DecodeConfig, chunk_groups: int):
+    """(start, chunk) programs: `start(params, batch, knobs)` -> (text outputs, frame carry);
+    `chunk(params, knobs, carry, until)` -> (carry after groups < until, float32[B,
+    chunk_groups, G] the groups from min(the carry's j, N - chunk_groups) on: a dynamic slice
+    is clamped to fit). The carry is donated: its KV cache is updated in place on the device
+    instead of being copied per chunk."""
+    module = Spectron(model_config)
+
+    def start(params, batch, knobs):
+        return _text_then_frame_state(_program(module, options, params, knobs), batch)
+
+    def chunk(params, knobs, state, until):
+        begin = state.j
+        state = _run_frames(_program(module, options, params, knobs), state, until)
+        groups = jax.lax.dynamic_slice_in_dim(state.groups, begin, chunk_groups, axis=1)
+        return state, groups
+
+    return jax.jit(start), jax.jit(chunk, donate_argnums=(2,))
+
+
+def stream(
+    model: Model,
+    params: PyTree,
+    batch: Mapping[str, Any],
+    config: DecodeConfig,
+    *,
+    chunk_groups: int = 4,
+    rng: jax.Array | None = None,
+) -> Iterator[dict[str, Any]]:
+    """`generate`, yielding the speech while it is made: the text first, then frame chunks.
+
+    The frame loop runs `chunk_groups` groups per compiled call; between calls its carry (the
+    KV cache, the last group, the stop state) stays on the device. The chunks put together are
+    `generate`'s frames (same loop body, same per-group rngs).
+
+    Args:
+      model, params, batch, config, rng: as `generate` (one device; no mesh).
+      chunk_groups: frame groups per chunk (r * chunk_groups frames).
+
+    Yields:
+      First {"text_tokens": int32[B, max_text_tokens], "text_lengths": int32[B]} (numpy), then
+      per chunk {"frames": float32[B, n, n_mels] the chunk's frames (n <= r * chunk_groups;
+      zeros for rows that have stopped), "start": the index of its first frame,
+      "frame_lengths": int32[B] frames per row so far, "stopped": bool[B]}; the last chunk ends
+      at `max_frames` or where every row has stopped.
+    """
+    if chunk_groups < 1:
+        raise ValueError(f"chunk_groups={chunk_groups} must be >= 1")
+    _check(model.config, batch, config)
+    config = config.with_model_ids(model)
+    keys = ["encoder_features", "encoder_mask"]
+    if config.text_mode == "forced":
+        keys += [k for k in ("decoder_input_tokens", "text_part") if k in batch]
+    inputs = {k: jnp.asarray(batch[k]) for k in keys}
+    knobs = _knobs(config, rng)
+    r = model.config.reduction_factor
+    chunk_groups = max(1, min(chunk_groups, _num_groups(config, r)))  # The slice must fit.
+    start, chunk = _compiled_stream(model.config, config.static_key(), chunk_groups)
+    text, state = start(params, inputs, knobs)
+    yield jax.device_get(text)
+    if state is None:
+        return
+    n_groups, begin = state.groups.shape[1], 0
+    while begin < n_groups:
+        until = min(begin + chunk_groups, n_groups)
+        state, groups = chunk(params, knobs, state, jnp.asarray(until, jnp.int32))
+        end = int(state.j)  # Fewer than `until` when every row has stopped.
+        offset = begin - max(0, min(begin, n_groups - chunk_groups))  # The clamp of the slice.
+        made = np.asarray(jax.device_get(groups))[:, offset : offset + end - begin]  # [B,n,r*M]
+        frames = made.reshape(made.shape[0], -1, model.config.n_mels)  # [B, n*r, M]
+        frames = frames[:, : max(0, config.max_frames - begin * r)]
+        count = jax.device_get(state.count)
+        yield {
+            "frames": frames,
+            "start": begin * r,
+            "frame_lengths": np.minimum(count * r, config.max_frames).astype(np.int32),
+            "stopped": ~jax.device_get(state.active),
+        }
+        if end < until or not jax.device_get(state.active).any():
+            return
+        begin = end
+
+
 def predict_batch_with_aux(
     model: Model,
     params: PyTree,
@@ -819,7 +961,7 @@ def _compiled_uncached(model_config: SpectronConfig, max_frames: int):
                 {"params": params},
                 full,
                 deterministic=True,
-                rngs={"dropout": jax.random.fold_in(rng, j)},
+                rngs={"dropout": jax.random.fold_in(rng, j), "sample": frame_noise_key(rng)},
             )
             return groups.at[:, j].set(group_frames(pred, r)[:, j])
 
@@ -866,4 +1008,5 @@ __all__ = [
     "generate_frames_uncached",
     "predict_batch_with_aux",
     "sample_tokens",
+    "stream",
 ]

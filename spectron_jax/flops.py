@@ -163,7 +163,8 @@ def spectron_train_flops(
 
     Returns:
       FlopCount: decoder terms (blocks over S = P + L + N slots, head over L), encoder terms
-      (forward only when frozen), `connector`, `pre_net`, `post_net` (and `stop_head`).
+      (forward only when frozen), `connector`, `pre_net`, `post_net` (the frame head, whichever
+      kind; and `stop_head`).
     """
     c = config
     r, mels, d = c.reduction_factor, c.n_mels, c.decoder.d_model
@@ -188,8 +189,17 @@ def spectron_train_flops(
         * batch
         * n
         * (r * mels * h_pre * TRAINED_DATA_INPUT + (h_pre * h_pre + h_pre * d) * TRAINED),
-        "post_net": 2 * batch * n * (d * h_post + h_post * r * mels) * TRAINED,
+        "post_net": 2 * batch * n * _frame_head_macs(c.frame_head, d, h_post, r * mels) * TRAINED,
     }
     if c.stop_head:
         terms["stop_head"] = 2 * batch * n * d * TRAINED
     return count + FlopCount({k: float(v) for k, v in terms.items()})
+
+
+def _frame_head_macs(head, d: int, h: int, g: int) -> int:
+    """Multiply-adds per frame slot of the frame head (`nn.frame_heads`), G = r * n_mels."""
+    if head.kind == "gaussian":  # latent layer to mean and log-variance, then the refiner
+        return d * h + h * 2 * g + g * h + h * g
+    if head.kind == "energy_distance":  # the context once, then each training sample
+        return d * h + head.num_samples * (head.noise_dim * h + h * h + h * g)
+    return d * h + h * g

@@ -24,9 +24,14 @@ after it, which is what the target asks for (`stop_targets`).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
+
+if TYPE_CHECKING:
+    from spectron_jax.nn.frame_heads import FrameHeadConfig
 
 TIME_DELTA_KINDS = ("lag", "finite_difference")
 
@@ -290,6 +295,125 @@ def stop_metrics(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> dict
 
 
 # ------------------------------------------------------------------------------------------------
+# Stochastic frame heads (nn/frame_heads.py).
+# ------------------------------------------------------------------------------------------------
+
+
+def gaussian_kl(
+    mean: jax.Array, log_var: jax.Array, target: jax.Array, mask: jax.Array
+) -> jax.Array:
+    """KL(N(mean, exp(log_var)) || N(target, 1)) per value, mean over valid rows' values.
+
+    Per value `0.5 * (exp(log_var) + (mean - target)^2 - 1 - log_var)` (MELLE's latent term).
+
+    Args:
+      mean, log_var, target: float[B, T, M]; mask: [B, T] nonzero on valid rows.
+
+    Returns:
+      float32[] (0 without valid rows).
+    """
+    m = (mask > 0).astype(jnp.float32)[..., None]
+    mean, log_var = mean.astype(jnp.float32), log_var.astype(jnp.float32)
+    kl = 0.5 * (jnp.exp(log_var) + jnp.square(mean - target.astype(jnp.float32)) - 1.0 - log_var)
+    return _safe_div(jnp.sum(kl * m), jnp.sum(m) * mean.shape[-1])
+
+
+def spectrogram_flux(mean: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
+    """MELLE's flux term: `-mean |mean[t] - target[t - 1]|` over rows t where t and t - 1 are
+    valid. Negative: lower is more change between consecutive frames (against over-smoothing).
+
+    Args:
+      mean, target: float[B, T, M]; mask: [B, T].
+    """
+    m = (mask > 0).astype(jnp.float32)
+    pair = (m[:, 1:] * m[:, :-1])[..., None]
+    diff = jnp.abs(mean[:, 1:].astype(jnp.float32) - target[:, :-1].astype(jnp.float32))
+    return -_safe_div(jnp.sum(diff * pair), jnp.sum(pair) * mean.shape[-1])
+
+
+def energy_score(samples: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
+    """The energy score (a proper scoring rule; SLED's loss), mean over valid slots.
+
+    Per slot `mean_i ||x_i - y|| - mean_{i != j} ||x_i - x_j|| / 2` with Euclidean norms over
+    the values of a slot: minimised in expectation when the samples come from the target's
+    distribution.
+
+    Args:
+      samples: float[S, B, N, G], S >= 2 draws per slot; target: float[B, N, G]; mask: [B, N].
+    """
+    x = samples.astype(jnp.float32)
+    s = x.shape[0]
+    fit = jnp.mean(_norm(x - target.astype(jnp.float32)[None]), axis=0)
+    pairs = _norm(x[:, None] - x[None, :])  # [S, S, B, N]; the diagonal is 0.
+    spread = jnp.sum(pairs, axis=(0, 1)) / (s * (s - 1))
+    m = (mask > 0).astype(jnp.float32)
+    return _safe_div(jnp.sum((fit - 0.5 * spread) * m), jnp.sum(m))
+
+
+def energy_distance(x: jax.Array, y: jax.Array) -> jax.Array:
+    """Sample energy distance `2 E||X - Y|| - E||X - X'|| - E||Y - Y'||` of float[n, G] and
+    float[m, G] draws (V-statistic, so ~0 for two samples of one distribution, > 0 otherwise)."""
+    x, y = x.astype(jnp.float32), y.astype(jnp.float32)
+    xy = jnp.mean(_norm(x[:, None] - y[None, :]))
+    xx = jnp.mean(_norm(x[:, None] - x[None, :]))
+    yy = jnp.mean(_norm(y[:, None] - y[None, :]))
+    return 2.0 * xy - xx - yy
+
+
+def _norm(x: jax.Array) -> jax.Array:
+    """Euclidean norm over the last axis, with a finite gradient at 0."""
+    return jnp.sqrt(jnp.sum(jnp.square(x), axis=-1) + 1e-12)
+
+
+def frame_head_losses(
+    head: FrameHeadConfig,
+    outputs: Mapping[str, jax.Array],
+    target_frames: jax.Array,
+    frame_mask: jax.Array,
+    config: LossConfig,
+    reduction_factor: int,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The terms a stochastic head adds to (or, for energy_distance, puts in place of) the
+    regression terms.
+
+    Args:
+      head: the head's config (kind and weights).
+      outputs: the head's outputs on the continuation slots (`nn.frame_heads`), [B, N, G] each.
+      target_frames: float[B, T_f, M]; frame_mask: [B, T_f].
+      config: the loss config (L1 / L2 weights of the latent's regression).
+      reduction_factor: frames per group.
+
+    Returns:
+      (the weighted sum float32[], its unweighted terms: gaussian `latent`, `kl`, `flux`;
+      energy_distance `energy`).
+    """
+    n_mels = target_frames.shape[-1]
+    if head.kind == "gaussian":
+        ungroup = lambda g: g.reshape(g.shape[0], -1, n_mels)  # noqa: E731 - [B,N,r*M]->[B,T,M]
+        l1, l2, _ = l1_l2(ungroup(outputs["latent"]), target_frames, frame_mask)
+        terms = {
+            "latent": config.l1_weight * l1 + config.l2_weight * l2,
+            "kl": gaussian_kl(
+                ungroup(outputs["mean"]), ungroup(outputs["log_var"]), target_frames, frame_mask
+            ),
+            "flux": spectrogram_flux(ungroup(outputs["mean"]), target_frames, frame_mask),
+        }
+        weighted = (
+            head.latent_weight * terms["latent"]
+            + head.kl_weight * terms["kl"]
+            + head.flux_weight * terms["flux"]
+        )
+        return weighted, terms
+    if head.kind == "energy_distance":
+        b, t, _ = target_frames.shape
+        groups = target_frames.reshape(b, t // reduction_factor, reduction_factor * n_mels)
+        mask = jnp.any((frame_mask > 0).reshape(b, -1, reduction_factor), axis=-1)
+        terms = {"energy": energy_score(outputs["samples"], groups, mask)}
+        return head.energy_weight * terms["energy"], terms
+    return jnp.zeros((), jnp.float32), {}
+
+
+# ------------------------------------------------------------------------------------------------
 # The total.
 # ------------------------------------------------------------------------------------------------
 
@@ -306,6 +430,8 @@ def spectron_loss(
     config: LossConfig,
     stop_logits: jax.Array | None = None,
     reduction_factor: int = 1,
+    frame_head: FrameHeadConfig | None = None,
+    head_outputs: Mapping[str, jax.Array] | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The weighted total and its metrics.
 
@@ -319,6 +445,10 @@ def spectron_loss(
       config: weights.
       stop_logits: float[B, N] end-of-speech logits per frame group, or None (no stop head).
       reduction_factor: frames per group, for the stop targets.
+      frame_head: the frame head's config; None = regression.
+      head_outputs: a stochastic head's outputs (`frame_head_losses`); their terms join the
+        loss. The energy_distance head is trained by its energy score alone: the regression
+        terms are then reported (on its first sample) but not added.
 
     Returns:
       (loss float32[], metrics): metrics are float32 scalars, batch means, each term unweighted
@@ -345,13 +475,21 @@ def spectron_loss(
         metrics[f"num_tokens_{name}"] = jnp.sum(pw)
 
     metrics.update(spectrogram_losses(pred_frames, target_frames, frame_mask, config))
-    loss = (
-        config.ce_weight * metrics["ce"]
-        + metrics["z_loss"]
-        + config.spec_weight * metrics["spec"]
+    regression = (
+        config.spec_weight * metrics["spec"]
         + config.freq_delta_weight * metrics["freq_delta"]
         + config.time_delta_weight * metrics["time_delta"]
     )
+    loss = config.ce_weight * metrics["ce"] + metrics["z_loss"]
+    kind = frame_head.kind if frame_head is not None else "regression"
+    if kind != "energy_distance":
+        loss = loss + regression
+    if kind != "regression":
+        weighted, terms = frame_head_losses(
+            frame_head, head_outputs, target_frames, frame_mask, config, reduction_factor
+        )
+        metrics.update(terms)
+        loss = loss + weighted
     if stop_logits is not None:
         targets, group_mask = stop_targets(frame_mask, reduction_factor)
         metrics["stop"] = stop_loss(stop_logits, targets, group_mask, config.stop_pos_weight)

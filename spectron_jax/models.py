@@ -43,6 +43,7 @@ INPUT_TYPES = {
 # Pre-net dropout stays on outside training (Tacotron 2 practice); without a caller rng, evaluation
 # and scoring draw it from this fixed key, so they are reproducible.
 _EVAL_DROPOUT_SEED = 0
+_SAMPLE_STREAM = 1  # fold_in(dropout key, this) = the frame head's noise key.
 
 
 class SpectronModel(vocabularies.TextContract):
@@ -126,8 +127,11 @@ class SpectronModel(vocabularies.TextContract):
         types.update(input_types or {})
         batch = {k: jnp.zeros(input_shapes[k], types[k]) for k in INPUT_TYPES}
         params_rng, dropout_rng = jax.random.split(rng)
+        sample_rng = jax.random.fold_in(dropout_rng, _SAMPLE_STREAM)
         return self.module.init(
-            {"params": params_rng, "dropout": dropout_rng}, batch, deterministic=True
+            {"params": params_rng, "dropout": dropout_rng, "sample": sample_rng},
+            batch,
+            deterministic=True,
         )
 
     # -- training ----------------------------------------------------------------------------
@@ -136,11 +140,13 @@ class SpectronModel(vocabularies.TextContract):
         deterministic = dropout_rng is None
         if dropout_rng is None:
             dropout_rng = jax.random.PRNGKey(_EVAL_DROPOUT_SEED)
+        # A stochastic frame head's noise: its own stream, derived from the dropout key.
+        sample_rng = jax.random.fold_in(dropout_rng, _SAMPLE_STREAM)
         return self.module.apply(
             {"params": params},
             dict(batch),
             deterministic=deterministic,
-            rngs={"dropout": dropout_rng},
+            rngs={"dropout": dropout_rng, "sample": sample_rng},
         )
 
     def loss_fn(
@@ -170,6 +176,8 @@ class SpectronModel(vocabularies.TextContract):
             config=self.config.loss,
             stop_logits=aux.get("stop_logits"),
             reduction_factor=self.config.reduction_factor,
+            frame_head=self.config.frame_head,
+            head_outputs=aux.get("frame_head"),
         )
 
     def score_batch(self, params: PyTree, batch: Batch) -> jax.Array:

@@ -32,10 +32,10 @@ from spectron_jax.config import SpectronConfig
 from spectron_jax.nn.attention import positions_from_valid, prefix_lm_mask
 from spectron_jax.nn.conformer import ConformerEncoder
 from spectron_jax.nn.decoder import Decoder
+from spectron_jax.nn.frame_heads import make_frame_head
 from spectron_jax.nn.layers import default_kernel_init
 from spectron_jax.nn.spec_augment import spec_augment
 from spectron_jax.nn.speech_heads import (
-    PostNet,
     PreNet,
     StopHead,
     group_frames,
@@ -92,7 +92,8 @@ class Spectron(nn.Module):
     """Spectron (arXiv 2305.15255) as one flax module.
 
     Parameters: `encoder/...` (ConformerEncoder), `connector/{kernel,bias}`, `decoder/...`
-    (Decoder), `pre_net/...`, `post_net/...` and, with `stop_head`, `stop/...`.
+    (Decoder), `pre_net/...`, `post_net/...` (the regression head; another frame head is
+    `frame_head/...`) and, with `stop_head`, `stop/...`.
     """
 
     config: SpectronConfig
@@ -117,13 +118,19 @@ class Spectron(nn.Module):
             dtype=dtype,
             param_dtype=pdtype,
         )
-        self.post_net = PostNet(
+        head = make_frame_head(
+            c.frame_head,
             hidden_dim=c.postnet_hidden_dim,
             n_mels=c.n_mels,
             reduction_factor=c.reduction_factor,
             dtype=dtype,
             param_dtype=pdtype,
         )
+        # The paper's head keeps the post-net's parameter names; the others are `frame_head`.
+        if c.frame_head.kind == "regression":
+            self.post_net = head
+        else:
+            self.frame_head = head
         if c.stop_head:
             self.stop = StopHead(param_dtype=pdtype)
 
@@ -166,9 +173,45 @@ class Spectron(nn.Module):
         tail, valid = prompt_tail(features, mask, c.primer_frames)
         return group_frames(tail, c.reduction_factor), group_mask(valid, c.reduction_factor)
 
-    def frame_outputs(self, hidden: jax.Array) -> tuple[jax.Array, jax.Array | None]:
-        """Heads on frame slots: float[B, N, D] -> (float32[B, N, r*n_mels], stop float32[B, N])."""
-        groups = self.post_net(hidden)
+    def frame_head_outputs(
+        self,
+        hidden: jax.Array,
+        group_index: jax.Array,
+        temperature: float | jax.Array = 1.0,
+        num_samples: int = 1,
+    ) -> dict[str, jax.Array]:
+        """The frame head on frame slots (`nn.frame_heads`).
+
+        Args:
+          hidden: float[B, N, D] the slots' hidden states.
+          group_index: int32[N] which continuation group each slot predicts (its noise key).
+          temperature: the stochastic heads' noise scale (0 = the mean; no effect on
+            regression).
+          num_samples: draws per slot (the energy_distance head's training score).
+
+        Returns:
+          `frames` float32[B, N, r * n_mels] and the head's other outputs.
+        """
+        head = self.config.frame_head
+        if head.kind == "regression":
+            return {"frames": self.post_net(hidden)}
+        if head.kind == "gaussian":
+            return self.frame_head(hidden, group_index, temperature)
+        return self.frame_head(hidden, group_index, temperature, num_samples)
+
+    def frame_outputs(
+        self,
+        hidden: jax.Array,
+        group_index: jax.Array | None = None,
+        temperature: float | jax.Array = 1.0,
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """Heads on frame slots: float[B, N, D] -> (float32[B, N, r*n_mels], stop float32[B, N]).
+
+        `group_index` int32[N] defaults to 0..N-1 (see `frame_head_outputs`).
+        """
+        if group_index is None:
+            group_index = jnp.arange(hidden.shape[1], dtype=jnp.int32)
+        groups = self.frame_head_outputs(hidden, group_index, temperature)["frames"]
         stop = self.stop(hidden) if self.config.stop_head else None
         return groups, stop
 
@@ -188,6 +231,8 @@ class Spectron(nn.Module):
         Returns:
           (logits float32[B, L, V] on the text slots, frames float32[B, T_f, n_mels] predicted
           on the frame slots, aux): aux holds `stop_logits` float32[B, N] (with a stop head),
+          `frame_head` (a stochastic head's outputs, [B, N, r * n_mels] each, drawn at
+          temperature 1 from the `sample` rng stream),
           `prefix_mask` int32[B, P] and `attention_mask` bool[B, 1, S, S] / `positions`
           int32[B, S] of the whole sequence (S = P + L + N).
         """
@@ -222,9 +267,14 @@ class Spectron(nn.Module):
         hidden = self.decoder(x, positions, mask, deterministic=deterministic)
 
         logits = self.decoder.logits(hidden[:, p : p + n_text])
-        out_groups, stop = self.frame_outputs(hidden[:, p + n_text + c.primer_groups :])
-        pred_frames = ungroup_frames(out_groups, c.n_mels)  # [B,N,r*M] -> [B,T_f,M]
+        frame_hidden = hidden[:, p + n_text + c.primer_groups :]
+        index = jnp.arange(frame_hidden.shape[1], dtype=jnp.int32)
+        samples = c.frame_head.num_samples if c.frame_head.kind == "energy_distance" else 1
+        head = self.frame_head_outputs(frame_hidden, index, 1.0, samples)
+        pred_frames = ungroup_frames(head["frames"], c.n_mels)  # [B,N,r*M] -> [B,T_f,M]
         aux = {"prefix_mask": prefix_mask, "attention_mask": mask, "positions": positions}
-        if stop is not None:
-            aux["stop_logits"] = stop
+        if c.stop_head:
+            aux["stop_logits"] = self.stop(frame_hidden)
+        if c.frame_head.stochastic:
+            aux["frame_head"] = head
         return logits, pred_frames, aux

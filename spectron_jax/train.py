@@ -451,7 +451,7 @@ EXPLAINED_ERRORS = {
     trainer_lib.NonFiniteLossError: 1,
     checkpoints.UnreadableCheckpointsError: 1,
     checkpoints.CheckpointSaveError: 1,
-    checkpoints.LayerLayoutError: 1,
+    checkpoints.ConfigMismatchError: 1,
 }
 
 

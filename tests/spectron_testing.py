@@ -160,9 +160,8 @@ def jitted_apply(config: SpectronConfig, deterministic: bool = True):
     net = Spectron(config)
 
     def fn(params, batch, rng):
-        return net.apply(
-            {"params": params}, batch, deterministic=deterministic, rngs={"dropout": rng}
-        )
+        rngs = {"dropout": rng, "sample": jax.random.fold_in(rng, 1)}
+        return net.apply({"params": params}, batch, deterministic=deterministic, rngs=rngs)
 
     return jax.jit(fn)
 

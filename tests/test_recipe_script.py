@@ -53,6 +53,7 @@ def test_every_variant_parses_and_changes_what_it_says(name):
         "stop_head": True,
         "ce_weight": 1.0,
         "freq_delta_weight": 1.0,
+        "frame_head": "regression",
     }
     got = {
         "primer_frames": config.primer_frames,
@@ -61,6 +62,7 @@ def test_every_variant_parses_and_changes_what_it_says(name):
         "stop_head": config.stop_head,
         "ce_weight": config.loss.ce_weight,
         "freq_delta_weight": config.loss.freq_delta_weight,
+        "frame_head": config.frame_head.kind,
     }
     changed = {k for k in full if got[k] != full[k]}
     expected = {
@@ -73,6 +75,8 @@ def test_every_variant_parses_and_changes_what_it_says(name):
         "r1": {"reduction_factor"},
         "no_transcript": set(),
         "fsdd": set(),
+        "gaussian": {"frame_head"},
+        "energy_distance": {"frame_head"},
     }[name]
     assert changed == expected
     assert config.loss.stop_pos_weight == 20.0
