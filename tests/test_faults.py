@@ -80,31 +80,34 @@ def _final_state(model_dir: pathlib.Path) -> dict:
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
-    """(wall seconds, final state, {step: digest}) of an unbroken run."""
+    """(seconds to the first trained step, final state, {step: digest}) of an unbroken run."""
     model_dir = tmp_path_factory.mktemp("faults") / "straight"
-    began = time.monotonic()
-    assert _start(model_dir, 0).wait(timeout=900) == 0
-    seconds = time.monotonic() - began
-    return seconds, _final_state(model_dir), _batches(model_dir)[0]
+    began, first_step = time.monotonic(), None
+    proc = _start(model_dir, 0)
+    while proc.poll() is None:
+        if first_step is None and _batches(model_dir).get(0):
+            first_step = time.monotonic() - began
+        time.sleep(0.05)
+    assert proc.returncode == 0 and first_step is not None
+    return first_step, _final_state(model_dir), _batches(model_dir)[0]
 
 
-def _kill(proc, model_dir, rng, seconds: float, during_training: bool) -> str:
+def _kill(proc, model_dir, rng, first_step: float, during_training: bool) -> str:
     """SIGKILLs `proc` at a random moment; returns when, in words.
 
-    Even trials: uniform over the unbroken run's wall time (mostly start-up and compile, where
-    most of a short run's time goes). Odd trials: while training, a random 0-1.5 s after a
-    random step 1..STEPS-1 was reached (so during a step or an async checkpoint write).
+    Even trials: uniform over start-up and compile (2 s to the unbroken run's first step), or
+    the moment step STEPS - 1 is reached if this run is quicker, so every trial is killed. Odd
+    trials: while training, a random 0-1.5 s after a random step 1..STEPS-1 was reached (so
+    during a step or an async checkpoint write).
     """
     began = time.monotonic()
     if not during_training:
-        delay = rng.uniform(2.0, 0.95 * seconds)
-        try:
-            proc.wait(timeout=delay)
-            return f"planned at {delay:.1f} s: the run had finished"
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            return f"at {delay:.1f} s of {seconds:.1f} s"
+        delay = rng.uniform(2.0, max(2.0, first_step))
+        while time.monotonic() - began < delay and STEPS - 1 not in _batches(model_dir).get(0, {}):
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait()
+        return f"at {time.monotonic() - began:.1f} s (drawn {delay:.1f} s of {first_step:.1f} s)"
     step, extra = rng.randint(1, STEPS - 1), rng.uniform(0.0, 1.5)
     while proc.poll() is None and step not in _batches(model_dir).get(0, {}):
         time.sleep(0.05)
@@ -118,14 +121,14 @@ def _kill(proc, model_dir, rng, seconds: float, during_training: bool) -> str:
 
 @pytest.mark.slow
 def test_random_kills_resume_bit_identically(straight, tmp_path):
-    seconds, want_state, want_batches = straight
+    first_step, want_state, want_batches = straight
     assert sorted(want_batches) == list(range(1, STEPS + 1))
     rng = random.Random(SEED)
     report = []
     for trial in range(TRIALS):
         model_dir = tmp_path / f"trial_{trial}"
         proc = _start(model_dir, 0)
-        when = _kill(proc, model_dir, rng, seconds, during_training=trial % 2 == 1)
+        when = _kill(proc, model_dir, rng, first_step, during_training=trial % 2 == 1)
         killed_at = _batches(model_dir).get(0, {})
         log = model_dir.parent / f"{model_dir.name}.1.log"
         assert _start(model_dir, 1).wait(timeout=900) == 0, log.read_text()[-3000:]
