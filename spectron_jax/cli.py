@@ -114,6 +114,7 @@ def _decode_config(args: argparse.Namespace, loaded, seconds: float):
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
+        frame_temperature=args.frame_temperature,
         stop_threshold=args.stop_threshold,
         seed=args.seed,
     )
@@ -131,8 +132,12 @@ def run_speech(args: argparse.Namespace, mode: str) -> int:
     files, is_batch = expand_inputs(args.audio)
     out = pathlib.Path(args.out)
     png = pathlib.Path(args.png) if args.png else None
-    if is_batch and out.suffix.lower() == ".wav":
+    if is_batch and (out.suffix.lower() == ".wav" or str(out) == "-"):
         raise SystemExit(f"spectron: --audio {args.audio} is a batch; --out must be a folder")
+    if str(out) == "-" and not args.stream:
+        raise SystemExit("spectron: --out - (PCM to stdout) needs --stream")
+    # With --out - the audio owns stdout; every report goes to stderr.
+    report = sys.stderr if str(out) == "-" else sys.stdout
     loaded = inference.load_model_for_inference(args.checkpoint, args.vocab)
     if is_batch:  # Only once the checkpoint loaded: a bad one leaves nothing behind.
         out.mkdir(parents=True, exist_ok=True)
@@ -156,7 +161,11 @@ def run_speech(args: argparse.Namespace, mode: str) -> int:
             outcome.error = str(err)
             tqdm.write(f"skipped: {err}", file=sys.stderr)  # The error names the file.
             continue
-        gen = inference.generate(loaded, [features], decode_config)[0]
+        if args.stream:
+            gen = _stream_one(args, loaded, features, decode_config, vocoder)
+        else:
+            gen = inference.generate(loaded, [features], decode_config)[0]
+            gen = dataclasses.replace(gen, audio=inference.vocode(vocoder, gen.frames))
         outcome.transcript, outcome.continuation = split_text(
             gen.text,
             prompt_text=args.transcript,
@@ -164,7 +173,8 @@ def run_speech(args: argparse.Namespace, mode: str) -> int:
             words_per_second=args.words_per_second,
         )
         wav_path = out / f"{name}.wav" if is_batch else out
-        write_wav(wav_path, inference.vocode(vocoder, gen.frames), rate)
+        if str(out) != "-":
+            write_wav(wav_path, gen.audio, rate)
         outcome.wav = str(wav_path)
         if png is not None:
             png_path = png / f"{name}.png" if is_batch else png
@@ -176,11 +186,55 @@ def run_speech(args: argparse.Namespace, mode: str) -> int:
         tqdm.write(
             f"{path}\n  transcript:   {outcome.transcript}\n  {label + ':':<13} "
             f"{outcome.continuation}\n  audio:        {wav_path} "
-            f"({len(gen.frames) / config.spectrogram.frames_per_second:.2f} s{ended})"
+            f"({len(gen.frames) / config.spectrogram.frames_per_second:.2f} s{ended})",
+            file=report,
         )
         for note in [*info.changes, *(w.removeprefix(f"{path}: ") for w in info.warnings)]:
-            tqdm.write(f"  note:         {note}")
-    return _summarise(outcomes, mode, args.strict)
+            tqdm.write(f"  note:         {note}", file=report)
+    return _summarise(outcomes, mode, args.strict, report)
+
+
+def _stream_one(args: argparse.Namespace, loaded, features, decode_config, vocoder):
+    """`continue --stream` / `ask --stream` of one prompt: the audio is vocoded chunk by chunk
+    while frames are made; with `--out -` each chunk goes to stdout as 16-bit PCM as soon as it
+    is ready (`... | aplay -f S16_LE -r 16000 -c 1`). Prints when the first audio was ready and
+    whether the stream ever stalled (a chunk later than the end of the audio before it)."""
+    import numpy as np
+
+    from spectron_jax import inference
+
+    rate = loaded.config.spectrogram.sample_rate
+    parts = inference.stream_speech(
+        loaded, features, decode_config, vocoder, chunk_groups=args.chunk_groups
+    )
+    text = next(parts)
+    audio, frames, first, stalls, stopped = [], [], None, 0, False
+    for chunk in parts:
+        frames.append(chunk.frames)
+        stopped = chunk.stopped
+        if not chunk.audio.size:
+            continue
+        if first is None:
+            first = chunk.ready_seconds
+        elif chunk.ready_seconds - first > sum(a.size for a in audio) / rate:
+            stalls += 1
+        audio.append(chunk.audio)
+        if str(args.out) == "-":
+            pcm = (np.clip(np.nan_to_num(chunk.audio), -1, 1) * 32767).astype("<i2")
+            sys.stdout.buffer.write(pcm.tobytes())
+            sys.stdout.buffer.flush()
+    seconds = sum(a.size for a in audio) / rate
+    print(
+        f"  stream:       first audio after {first or 0.0:.2f} s, {seconds:.2f} s of audio, "
+        f"{stalls} stall(s)",
+        file=sys.stderr,
+    )
+    return inference.Generation(
+        text=text,
+        frames=np.concatenate(frames),
+        stopped=stopped,
+        audio=np.concatenate(audio) if audio else np.zeros(0, np.float32),
+    )
 
 
 def _refuse_silence(info, allowed: bool) -> None:
@@ -196,13 +250,17 @@ def _refuse_silence(info, allowed: bool) -> None:
         )
 
 
-def _summarise(outcomes: Sequence[Outcome], mode: str, strict: bool = False) -> int:
+def _summarise(outcomes: Sequence[Outcome], mode: str, strict: bool = False, report=None) -> int:
     failed = [o for o in outcomes if o.error]
     done = len(outcomes) - len(failed)
-    print(f"spectron {mode}: {done} of {len(outcomes)} file(s) done, {len(failed)} failed")
+    report = report or sys.stdout
+    print(
+        f"spectron {mode}: {done} of {len(outcomes)} file(s) done, {len(failed)} failed",
+        file=report,
+    )
     for o in failed:
         reason = o.error.removeprefix(f"{o.path}: ")
-        print(f"  FAILED {o.path}: {reason}")
+        print(f"  FAILED {o.path}: {reason}", file=report)
     return 1 if (outcomes and done == 0) or (strict and failed) else 0
 
 
@@ -292,6 +350,18 @@ def _sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument(
+        "--frame-temperature",
+        type=float,
+        default=1.0,
+        help="noise scale of a stochastic frame head (0 = its mean); no effect on regression",
+    )
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="vocode while frames are made; with --out - write 16-bit PCM to stdout as it comes",
+    )
+    p.add_argument("--chunk-groups", type=int, default=4, help="frame groups per streamed chunk")
     # The stop logit is the default now; `--stop` still parses (a no-op) so that older command
     # lines do not fail or, abbreviated, turn into `--stop-threshold`.
     p.add_argument("--stop", action="store_true", help=argparse.SUPPRESS)

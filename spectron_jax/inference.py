@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -110,7 +110,7 @@ def load_model_for_inference(
         params = checkpoints.load_subtrees(
             {"p": abstract}, step_dir, {"p": "params"}, {"p": shardings}
         )["p"]
-    except (FileNotFoundError, checkpoints.LayerLayoutError):
+    except (FileNotFoundError, checkpoints.ConfigMismatchError):
         raise
     except Exception as err:  # noqa: BLE001 - Orbax / tensorstore / JSON errors of a bad step
         raise ValueError(_unreadable_step_message(step_dir, err)) from err
@@ -243,11 +243,13 @@ class Generation:
       text: everything the model wrote (transcript + continuation), EOS excluded.
       frames: float32[T, n_mels] generated log-mel (valid frames only).
       stopped: the stop logit ended the speech (False: it ran to `max_frames`).
+      audio: float32[S] the vocoded frames, where the caller vocoded them.
     """
 
     text: str
     frames: np.ndarray
     stopped: bool = False
+    audio: np.ndarray | None = None
 
 
 def decode_config(
@@ -337,3 +339,83 @@ def vocode(vocoder: Any, frames: np.ndarray) -> np.ndarray:
     if len(frames) == 0:
         return np.zeros(0, np.float32)
     return np.asarray(vocoder(jnp.asarray(frames)[None]))[0].astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Streaming: audio while the frames are still being generated.
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SpeechChunk:
+    """One piece of a streamed continuation.
+
+    Attributes:
+      audio: float32[S] the new samples (empty while the vocoder waits for look-ahead frames).
+      frames: float32[n, n_mels] the new log-mel frames.
+      ready_seconds: wall seconds from the call to when this chunk was ready.
+      stopped: the model's stop head has ended the speech.
+    """
+
+    audio: np.ndarray
+    frames: np.ndarray
+    ready_seconds: float
+    stopped: bool = False
+
+
+def streaming_vocoder(vocoder: Any) -> Any:
+    """An `audio.streaming.StreamingVocoder` over `vocoder` with context that suits it: HiFi-GAN
+    32 frames each side (the public generator's receptive field is ~24 frames), Griffin-Lim 16
+    frames of history and 4 of look-ahead (measured best: docs/STREAMING.md)."""
+    from spectron_jax.audio.hifigan import HifiGanVocoder
+    from spectron_jax.audio.streaming import StreamingVocoder
+
+    hop = vocoder.spectrogram_config.hop_length
+    if isinstance(vocoder, HifiGanVocoder):
+        return StreamingVocoder(lambda f: vocode(vocoder, f), hop, left_context=32, lookahead=32)
+    return StreamingVocoder(lambda f: vocode(vocoder, f), hop, left_context=16, lookahead=4)
+
+
+def stream_speech(
+    loaded: LoadedModel,
+    features: np.ndarray,
+    decode_config: Any,
+    vocoder: Any,
+    *,
+    chunk_groups: int = 4,
+    prompt_frames: int | None = None,
+) -> Iterator[str | SpeechChunk]:
+    """Decodes one prompt as a stream: yields its text (str) first, then `SpeechChunk`s.
+
+    Frames come from `decoding.stream` (`chunk_groups` frame groups per compiled call) and are
+    vocoded incrementally (`streaming_vocoder`); the last chunk flushes the vocoder. Put
+    together, the frames are `generate`'s and the audio is the streaming vocoder's.
+
+    Args:
+      loaded: the model; features: float32[T_p, F_enc] the prompt's front-end features.
+      decode_config: a `decoding.DecodeConfig` (see `decode_config`).
+      vocoder: from `make_vocoder`.
+      chunk_groups: frame groups per chunk.
+      prompt_frames: pad the prompt to at least this many frames (see `prompt_batch`).
+    """
+    import time
+
+    from spectron_jax import decoding
+
+    began = time.perf_counter()
+    batch = prompt_batch(
+        loaded.model, [features], decode_config.max_frames, prompt_frames=prompt_frames
+    )
+    parts = decoding.stream(
+        loaded.model, loaded.params, batch, decode_config, chunk_groups=chunk_groups
+    )
+    text = next(parts)
+    yield decode_ids(loaded.vocabulary, text["text_tokens"][0], int(text["text_lengths"][0]))
+    speech, made, stopped = streaming_vocoder(vocoder), 0, False
+    for part in parts:
+        n = int(part["frame_lengths"][0]) - made  # Frames of this row in this chunk.
+        frames = np.asarray(part["frames"][0, :n], np.float32)
+        made, stopped = made + n, bool(part["stopped"][0])
+        yield SpeechChunk(speech.push(frames), frames, time.perf_counter() - began, stopped)
+    empty = np.zeros((0, loaded.config.n_mels), np.float32)
+    yield SpeechChunk(speech.finish(), empty, time.perf_counter() - began, stopped)
