@@ -18,7 +18,7 @@ setuptools.setup(
     # `tasks/` is imported as `spectron_tasks`, a name that cannot clash once pip-installed.
     package_dir={"spectron_tasks": "tasks"},
     package_data={
-        "spectron_jax": ["assets/*.model", "assets/*.vocab"],
+        "spectron_jax": ["assets/*.model", "assets/*.vocab", "assets/*.html"],
     },
     include_package_data=True,
     install_requires=[
@@ -59,6 +59,9 @@ setuptools.setup(
             "torch>=2.4",
             "transformers>=4.50",
             "pocketsphinx>=5.0,<6",
+            # The demo page's browser test drives Debian's chromium + chromedriver (no driver
+            # download: the test names the installed one; it skips where they are absent).
+            "selenium>=4.20,<5",
         ],
         # `spectron eval --judges` (spectron_jax/evaluation/judges.py): pretrained judges whose
         # weights ship inside their wheels. Resemblyzer needs torch (install with the test extra

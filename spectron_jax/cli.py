@@ -3,6 +3,7 @@
     spectron continue --checkpoint DIR --audio prompt.wav --seconds 3 --out out.wav [--png s.png]
     spectron ask      --checkpoint DIR --audio question.wav --out answer.wav
     spectron eval     --checkpoint DIR --task spectron_fsdd_counting --split test --out DIR
+    spectron demo     --checkpoint DIR [--port 7860]     # a local web page (spectron_jax/demo.py)
 
 A model with a stop head ends its speech by itself: `--seconds` is then the longest it may
 speak, `--stop-threshold` the stop probability that ends it, and `--fixed-duration` generates
@@ -439,7 +440,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="vocabulary of the judge ASR: 'numbers' (zero..ninety nine), 'references' (the "
         "split's words), a word-list file, or comma-separated words (default: any English)",
     )
+    demo = sub.add_parser("demo", help="a local web page: upload or record, hear the answer")
+    _common(demo)
+    _sampling(demo)
+    demo.add_argument("--seconds", type=float, default=4.0, help="longest continuation")
+    demo.add_argument("--host", default="127.0.0.1", help="0.0.0.0 serves other machines too")
+    demo.add_argument("--port", type=int, default=7860)
     return parser
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Loads the checkpoint once, then serves the demo page until interrupted."""
+    from spectron_jax import demo, inference
+
+    loaded = inference.load_model_for_inference(args.checkpoint, args.vocab)
+    vocoder = inference.make_vocoder(args.vocoder, loaded.config.spectrogram, args.vocoder_dir)
+    page = demo.Demo(loaded, vocoder, _decode_config(args, loaded, args.seconds), args.chunk_groups)
+    server = demo.make_server(page, args.host, args.port, checkpoint=str(args.checkpoint))
+    print(f"spectron demo: http://{args.host}:{server.server_port}/ (Ctrl-C stops it)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -450,6 +475,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command in ("continue", "ask"):
             return run_speech(args, args.command)
+        if args.command == "demo":
+            return run_demo(args)
         return run_eval(args)
     except (FileNotFoundError, ValueError) as err:
         # A wrong checkpoint, vocabulary, vocoder or task, or a checkpoint that stores no

@@ -56,6 +56,7 @@ FLOORS = {
     "spectron_jax.config_check": 7,
     "spectron_jax.train": 8,
     "spectron_jax.aot": 9,
+    "spectron_jax.demo": 8,
     "spectron_jax.cli": 9,
 }
 PACKAGES = {"spectron_jax": REPO / "spectron_jax", "spectron_tasks": REPO / "tasks"}

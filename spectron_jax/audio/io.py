@@ -207,6 +207,21 @@ def load_audio(
     return waveform.astype(np.float32), info
 
 
+def wav_bytes(waveform: np.ndarray, sample_rate: int) -> bytes:
+    """float32[T] as the bytes of a 16-bit PCM WAV file (what `write_wav` writes)."""
+    import io
+
+    import soundfile as sf
+
+    waveform = np.asarray(waveform, dtype=np.float32)
+    if waveform.ndim != 1:
+        raise ValueError(f"wav_bytes expects mono float32[T], got shape {waveform.shape}")
+    buffer = io.BytesIO()
+    clipped = np.clip(np.nan_to_num(waveform), -1.0, 1.0)
+    sf.write(buffer, clipped, sample_rate, subtype="PCM_16", format="WAV")
+    return buffer.getvalue()
+
+
 def write_wav(path: str | os.PathLike, waveform: np.ndarray, sample_rate: int) -> None:
     """Writes float32[T] as 16-bit PCM, via a temporary file so a crash never leaves half a file."""
     import soundfile as sf
