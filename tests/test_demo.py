@@ -31,7 +31,7 @@ def server(tmp_path_factory):
     loaded = inference.load_model_for_inference(model_dir)
     vocoder = inference.make_vocoder("griffin_lim", loaded.config.spectrogram)
     options = inference.decode_config(loaded, 1.0, fixed_duration=True, max_text_tokens=8)
-    page = demo.Demo(loaded, vocoder, options, chunk_groups=5)
+    page = demo.Demo(loaded, vocoder, options, chunk_groups=4)  # The CLI default: one compile.
     httpd = demo.make_server(page, port=0, checkpoint=str(model_dir))
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()

@@ -15,7 +15,7 @@ Method (a sliding window with left context, look-ahead and a cross-fade):
 `finish()` vocodes what is left. With HiFi-GAN and context and look-ahead at least its receptive
 field, the stream equals whole-utterance vocoding to float rounding; with Griffin-Lim it is
 another (equally consistent) phase solution of the same magnitudes: tests compare the log-mel of
-the two (tests/audio/test_streaming.py).
+the two (tests/audio/test_streaming_vocoder.py).
 """
 
 from __future__ import annotations
