@@ -118,6 +118,7 @@ def check_operative() -> list[Problem]:
             errors += _number_problem(selector, value, kind, minimum)
     if errors:  # The checks below read these numbers.
         raise ConfigError(errors)
+    errors += _model_problems()
     errors += _task_problems()
     errors += _batch_problems()
     warnings = _schedule_warnings()
@@ -226,6 +227,22 @@ def _number_problem(selector: str, value: Any, kind: type, minimum: float) -> li
     if (value <= minimum) if kind is float else (value < minimum):
         bound = f"> {minimum}" if kind is float else f">= {minimum}"
         return [Problem(selector, value, f"{name} must be {bound}")]
+    return []
+
+
+def _model_problems() -> list[Problem]:
+    """The model config as the run will build it: its dataclasses' own checks (a frame head
+    that does not exist, a primer that is no multiple of the reduction factor, ...) name the
+    field. Configs without a Spectron model (the recipe's first stages) have nothing to build."""
+    from spectron_jax import config as config_lib
+
+    if "spectron.spectron_config()" not in gin.config_str():  # No `@spectron.spectron_config()`.
+        return []
+    try:
+        config_lib.spectron_config()
+    except (ValueError, TypeError) as err:
+        message = without_gin_context(err).splitlines()[0]
+        return [Problem("the model config (spectron.spectron_config)", NO_VALUE, message)]
     return []
 
 

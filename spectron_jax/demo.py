@@ -58,7 +58,8 @@ class Demo:
         self.loaded, self.vocoder, self.decode_config = loaded, vocoder, decode_config
         self.chunk_groups = chunk_groups
         self.wavs: dict[str, bytes] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # One generation at a time.
+        self._wavs_lock = threading.Lock()  # `wavs` and its counter (served meanwhile).
         self._count = 0
 
     def prompt(self, data: bytes, filename: str) -> np.ndarray:
@@ -130,12 +131,13 @@ class Demo:
                         "rate": rate,
                         "first_audio_seconds": first,
                     }
+        waveform_out = np.concatenate(audio) if audio else np.zeros(0, np.float32)
+        with self._wavs_lock:
             self._count += 1
             key = f"{self._count}.wav"
-        waveform_out = np.concatenate(audio) if audio else np.zeros(0, np.float32)
-        self.wavs[key] = wav_bytes(waveform_out, rate)
-        for old in list(self.wavs)[:-KEEP_WAVS]:
-            del self.wavs[old]
+            self.wavs[key] = wav_bytes(waveform_out, rate)
+            for old in list(self.wavs)[:-KEEP_WAVS]:
+                del self.wavs[old]
         yield {
             "event": "done",
             "wav": f"/audio/{key}",

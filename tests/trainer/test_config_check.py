@@ -77,6 +77,14 @@ BAD_CONFIGS = [
     (["trian.num_steps = 5"], ["--gin.trian.num_steps", "trian", "did you mean train"]),
     (["TRAIN_STEPS = "], ["--gin.TRAIN_STEPS = "]),
     (["create_mesh.fsdp = 3"], ["create_mesh: 8 devices do not split into mesh [-1, 3, 1]"]),
+    (
+        ["spectron.spectron_config.frame_head = 'flow'"],
+        ["the model config (spectron.spectron_config)", "kind='flow' not in ('regression'"],
+    ),
+    (
+        ["spectron.spectron_config.primer_frames = 3"],
+        ["the model config", "primer_frames=3 must be >= 0 and a multiple of reduction_factor"],
+    ),
 ]
 
 
