@@ -152,7 +152,8 @@ class EnergyHead(nn.Module):
             hidden
         )
         noise_in = d(self.hidden_dim, None, "mlp", self.dtype, self.param_dtype, "noise")
-        layer = d(self.hidden_dim, "mlp", "mlp", self.dtype, self.param_dtype, "hidden")
+        # One logical name per dimension (a mesh rule cannot place "mlp" twice): out is None.
+        layer = d(self.hidden_dim, "mlp", None, self.dtype, self.param_dtype, "hidden")
         out = d(self.group_dim, "mlp", "mel", jnp.float32, self.param_dtype, "out")
         key, b = self.make_rng("sample"), hidden.shape[0]
         samples = []

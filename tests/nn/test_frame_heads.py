@@ -15,7 +15,7 @@ import pytest
 import spectron_testing as st
 from scipy import stats
 
-from spectron_jax import checkpoints, decoding, losses
+from spectron_jax import checkpoints, decoding, losses, partitioning
 from spectron_jax.decoding import DecodeConfig
 from spectron_jax.nn.frame_heads import FrameHeadConfig, kind_of_params
 
@@ -140,8 +140,14 @@ def test_head_parameters_carry_the_shared_logical_axes(head_model):
         boxed["params"]["frame_head"], is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)
     ):
         assert isinstance(leaf, nn.LogicallyPartitioned)
+        named = [n for n in leaf.names if n is not None]
+        assert len(set(named)) == len(named), leaf.names  # A mesh rule places a name once.
         names.update(leaf.names)
     assert names <= {"embed", "mlp", "mel", None} and {"embed", "mlp", "mel"} <= names
+    # The trainer's placement: every parameter gets a sharding from the one rules table.
+    mesh = partitioning.create_mesh()
+    shardings = decoding.param_shardings(model, mesh)
+    assert all(s.mesh == mesh for s in jax.tree.leaves(shardings["frame_head"]))
 
 
 def _decode(model, params, batch, seed, **kw):
