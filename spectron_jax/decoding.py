@@ -779,6 +779,19 @@ def _check(model_config: SpectronConfig, batch: Mapping[str, Any], config: Decod
         raise ValueError("DecodeConfig.use_stop_logit needs a model with stop_head=True")
 
 
+def _prepare(
+    model: Model, batch: Mapping[str, Any], config: DecodeConfig
+) -> tuple[DecodeConfig, dict[str, jax.Array]]:
+    """Checks the batch against the options; (options with the model's BOS / EOS, the batch
+    arrays the decode program reads)."""
+    _check(model.config, batch, config)
+    config = config.with_model_ids(model)
+    keys = ["encoder_features", "encoder_mask"]
+    if config.text_mode == "forced":
+        keys += [k for k in ("decoder_input_tokens", "text_part") if k in batch]
+    return config, {k: jnp.asarray(batch[k]) for k in keys}
+
+
 def generate(
     model: Model,
     params: PyTree,
@@ -811,12 +824,7 @@ def generate(
       maximum without stopping); with a stop head also `stop_probs`
       float32[B, ceil(max_frames / r)] (0 where not run).
     """
-    _check(model.config, batch, config)
-    config = config.with_model_ids(model)
-    keys = ["encoder_features", "encoder_mask"]
-    if config.text_mode == "forced":
-        keys += [k for k in ("decoder_input_tokens", "text_part") if k in batch]
-    inputs = {k: jnp.asarray(batch[k]) for k in keys}
+    config, inputs = _prepare(model, batch, config)
     if mesh is not None:
         params = jax.device_put(nn.unbox(params), param_shardings(model, mesh))
         inputs = jax.device_put(inputs, partitioning.batch_sharding(mesh))
@@ -881,12 +889,7 @@ def stream(
     """
     if chunk_groups < 1:
         raise ValueError(f"chunk_groups={chunk_groups} must be >= 1")
-    _check(model.config, batch, config)
-    config = config.with_model_ids(model)
-    keys = ["encoder_features", "encoder_mask"]
-    if config.text_mode == "forced":
-        keys += [k for k in ("decoder_input_tokens", "text_part") if k in batch]
-    inputs = {k: jnp.asarray(batch[k]) for k in keys}
+    config, inputs = _prepare(model, batch, config)
     knobs = _knobs(config, rng)
     r = model.config.reduction_factor
     chunk_groups = max(1, min(chunk_groups, _num_groups(config, r)))  # The slice must fit.

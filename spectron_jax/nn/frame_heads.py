@@ -34,8 +34,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from spectron_jax.nn.layers import default_kernel_init
-from spectron_jax.nn.speech_heads import PostNet
+# The heads' dense layers are the post-net's (the same logical-axis boxing).
+from spectron_jax.nn.speech_heads import PostNet, logical_dense
 
 Dtype = Any
 FRAME_HEADS = ("regression", "gaussian", "energy_distance")
@@ -83,17 +83,6 @@ class FrameHeadConfig:
         return self.kind != "regression"
 
 
-def _dense(features: int, in_axis, out_axis, dtype, param_dtype, name: str) -> nn.Dense:
-    return nn.Dense(
-        features,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=nn.with_logical_partitioning(default_kernel_init(), (in_axis, out_axis)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (out_axis,)),
-        name=name,
-    )
-
-
 def slot_noise(key: jax.Array, group_index: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """Standard normal noise float32[B, N, *shape] for groups `group_index` int32[N] (the same
     group index always draws the same noise from `key`, whatever the other groups)."""
@@ -114,7 +103,7 @@ class GaussianHead(nn.Module):
 
     @nn.compact
     def __call__(self, hidden, group_index, temperature) -> dict[str, jax.Array]:
-        d = _dense
+        d = logical_dense
         x = nn.relu(
             d(self.hidden_dim, "embed", "mlp", self.dtype, self.param_dtype, "latent_0")(hidden)
         )
@@ -147,7 +136,7 @@ class EnergyHead(nn.Module):
 
     @nn.compact
     def __call__(self, hidden, group_index, temperature, num_samples: int = 1):
-        d = _dense
+        d = logical_dense
         context = d(self.hidden_dim, "embed", "mlp", self.dtype, self.param_dtype, "context")(
             hidden
         )

@@ -20,7 +20,9 @@ from spectron_jax.nn.layers import default_kernel_init
 Dtype = Any
 
 
-def _dense(features: int, in_axis: str, out_axis: str, dtype, param_dtype, name: str) -> nn.Dense:
+def logical_dense(
+    features: int, in_axis: str, out_axis: str, dtype, param_dtype, name: str
+) -> nn.Dense:
     return nn.Dense(
         features,
         dtype=dtype,
@@ -57,10 +59,12 @@ class PreNet(nn.Module):
         drop_off = deterministic and not self.always_dropout
         x = frames.astype(self.dtype)
         for i in range(2):
-            x = _dense(self.hidden_dim, "mel", "mlp", self.dtype, self.param_dtype, f"dense_{i}")(x)
+            x = logical_dense(
+                self.hidden_dim, "mel", "mlp", self.dtype, self.param_dtype, f"dense_{i}"
+            )(x)
             x = nn.relu(x)
             x = nn.Dropout(self.dropout_rate)(x, deterministic=drop_off)
-        x = _dense(self.output_dim, "mlp", "embed", self.dtype, self.param_dtype, "out")(x)
+        x = logical_dense(self.output_dim, "mlp", "embed", self.dtype, self.param_dtype, "out")(x)
         return nn.with_logical_constraint(
             x, ("activation_batch", "activation_length", "activation_embed")
         )
@@ -86,11 +90,13 @@ class PostNet(nn.Module):
     @nn.compact
     def __call__(self, hidden: jax.Array) -> jax.Array:
         """float[B, N, D] -> float32[B, N, r * n_mels]."""
-        x = _dense(self.hidden_dim, "embed", "mlp", self.dtype, self.param_dtype, "dense_0")(hidden)
+        x = logical_dense(self.hidden_dim, "embed", "mlp", self.dtype, self.param_dtype, "dense_0")(
+            hidden
+        )
         x = nn.relu(x)
         out = self.reduction_factor * self.n_mels
         # The regression target is read in float32; the last matmul runs in float32 too.
-        x = _dense(out, "mlp", "mel", jnp.float32, self.param_dtype, "out")(x)
+        x = logical_dense(out, "mlp", "mel", jnp.float32, self.param_dtype, "out")(x)
         return x.astype(jnp.float32)
 
 
