@@ -12,6 +12,9 @@ proportional to the batch, so it errs low). FLOPs are read from each config's re
 step): the compiled / model ratio is a property of the program, not of the slice, and the HBM
 bytes per device are scaled by the per-device batch. The roofline then uses each slice's chip
 figures (`aot.CHIPS`).
+
+With `--remats=minimal,save_attention_proj,...` each row is instead one compile per policy (set on
+both stacks): memory per device at the row's batch and the largest batch predicted from it.
 """
 
 from __future__ import annotations
@@ -28,14 +31,42 @@ CONFIGS = {"base": ("gin/spectron_base.gin", 4), "1b": ("gin/spectron_1b.gin", 8
 TOPOLOGIES = ("v4:2x2x1", "v5e:2x4", "v5e:4x4", "v5p:2x2x1", "v6e:2x4")
 
 
-def row(name: str, topology: str, ref: dict, extra: list[str]) -> dict:
+def experiment_on(name: str, topology: str, extra: list[str], remat: str | None = None):
+    """(experiment, devices): the config at its per-device batch over the slice's devices, its
+    fsdp capped at the device count and the data axis taking the rest."""
     gin_file, per_device = CONFIGS[name]
     devices = aot.tpu_devices(topology)
     n = len(devices)
     bindings = [f"BATCH_SIZE={per_device * n}", "create_mesh.data=-1", *extra]
-    experiment = aot.read_experiment([gin_file], bindings, None)
+    aot.read_experiment([gin_file], bindings, remat)
     fsdp = min(int(gin.query_parameter("create_mesh.fsdp")), n)
-    experiment = aot.read_experiment([gin_file], bindings + [f"create_mesh.fsdp={fsdp}"], None)
+    bindings.append(f"create_mesh.fsdp={fsdp}")
+    return aot.read_experiment([gin_file], bindings, remat), devices
+
+
+def remat_row(name: str, topology: str, remat: str, extra: list[str]) -> dict:
+    """One compile under `remat` (both stacks): memory per device and the predicted largest
+    batch."""
+    experiment, devices = experiment_on(name, topology, extra, remat)
+    started = time.perf_counter()
+    built = aot.compile_train_step(experiment, devices, experiment.batch_size)
+    return {
+        "config": name,
+        "topology": topology,
+        "remat": remat,
+        "mesh": dict(built.trainer.mesh.shape),
+        "global_batch": built.batch_size,
+        "memory_per_device": aot.memory(built.compiled),
+        "hbm_per_device": aot.device_figures(topology, len(devices)).hbm_bytes,
+        "max_batch_predicted": aot.find_max_batch(experiment, devices, topology, built, checks=0),
+        "compile_s": time.perf_counter() - started,
+    }
+
+
+def row(name: str, topology: str, ref: dict, extra: list[str]) -> dict:
+    experiment, devices = experiment_on(name, topology, extra)
+    n = len(devices)
+    per_device = CONFIGS[name][1]
     started = time.perf_counter()
     built = aot.compile_train_step(experiment, devices, experiment.batch_size)
     seconds = time.perf_counter() - started
@@ -91,9 +122,45 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def remat_markdown(rows: list[dict]) -> str:
+    lines = [
+        "| config | slice | remat | batch | memory / device | largest batch (predicted) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['config']} | {r['topology']} | {r['remat']} | | {r['error']} | |")
+            continue
+        lines.append(
+            f"| {r['config']} | {r['topology']} | {r['remat']} | {r['global_batch']} | "
+            f"{r['memory_per_device']['total'] / aot.GiB:.2f} of "
+            f"{r['hbm_per_device'] / aot.GiB:.0f} GiB | {r['max_batch_predicted']} |"
+        )
+    return "\n".join(lines)
+
+
+def summary(r: dict) -> str:
+    return (
+        f"{r['memory_per_device']['total'] / aot.GiB:.2f} GiB at batch {r['global_batch']}, "
+        f"max batch {r['max_batch_predicted']} (compiled in {r['compile_s']:.0f} s)"
+    )
+
+
+def write(rows: list[dict], out: str, table: str) -> None:
+    with open(out, "w") as f:
+        json.dump(rows, f, indent=1, default=float)
+    with open(out.rsplit(".", 1)[0] + ".md", "w") as f:
+        f.write(table + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ref", action="append", required=True, help="CONFIG=report.json")
+    parser.add_argument("--ref", action="append", default=[], help="CONFIG=report.json")
+    parser.add_argument(
+        "--remats",
+        default="",
+        help="instead: per row, one compile under each of these remat policies (comma-separated)",
+    )
     parser.add_argument("--out", required=True, help="the rows as JSON (and .md beside it)")
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--topologies", default=",".join(TOPOLOGIES))
@@ -105,20 +172,25 @@ def main() -> None:
         with open(path) as f:
             refs[key] = json.load(f)
     rows = []
+    remats = [r for r in args.remats.split(",") if r]
     for name in args.configs.split(","):
         for topology in args.topologies.split(","):
+            if remats:
+                for remat in remats:
+                    try:
+                        rows.append(remat_row(name, topology, remat, args.gin_binding))
+                    except Exception as e:  # A policy the compiler rejects is a finding.
+                        rows.append({"config": name, "topology": topology, "remat": remat})
+                        rows[-1]["error"] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+                        print(f"{name} {topology} remat {remat}: {rows[-1]['error']}", flush=True)
+                        continue
+                    print(f"{name} {topology} remat {remat}: {summary(rows[-1])}", flush=True)
+                write(rows, args.out, remat_markdown(rows))
+                continue
             rows.append(row(name, topology, refs[name], args.gin_binding))
-            r = rows[-1]
-            print(
-                f"{name} {topology}: {r['memory_per_device']['total'] / aot.GiB:.2f} GiB, "
-                f"max batch {r['max_batch_predicted']}, MFU {100 * r['roofline']['mfu']:.1f}% "
-                f"(compiled in {r['compile_s']:.0f} s)",
-                flush=True,
-            )
-            with open(args.out, "w") as f:
-                json.dump(rows, f, indent=1, default=float)
-            with open(args.out.rsplit(".", 1)[0] + ".md", "w") as f:
-                f.write(markdown(rows) + "\n")
+            mfu = 100 * rows[-1]["roofline"]["mfu"]
+            print(f"{name} {topology}: {summary(rows[-1])}, MFU {mfu:.1f}%", flush=True)
+            write(rows, args.out, markdown(rows))
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ step against the model-FLOPs formula (`spectron_jax/flops.py`); the bytes each k
 moves per step (instructions inside loops counted once per trip); the shardings of the largest
 arrays and every replicated parameter over 1 MiB; and a roofline estimate of the step time and
 MFU from the chip figures in CHIPS. It exits 1 when the step does not fit in HBM.
-`--find-max-batch` predicts the largest global batch (multiples of data x fsdp) that fits from
-the step's memory and checks the prediction with a second compile. `--decode-batch N` also
+`--find-max-batch` searches, under each remat policy (`--search-remats`), the largest global
+batch (multiples of data x fsdp) that fits: a prediction from one compile's memory, checked by
+`--max-batch-checks` more. `--decode-batch N` also
 compiles `decoding.generate` for N prompts (text up to the config's text length, then its frame
 length, or `--decode-frames`) and prints its memory and an HBM-bound frame-step time. Run with
 JAX_PLATFORMS=cpu; set nothing else.
@@ -45,8 +46,10 @@ from spectron_jax import config as config_lib  # noqa: E402
 from spectron_jax import decoding, models, partitioning, train, vocabularies  # noqa: E402
 from spectron_jax import flops as flops_lib  # noqa: E402
 from spectron_jax import trainer as trainer_lib  # noqa: E402
+from spectron_jax.nn import stack  # noqa: E402
 
 GiB = 1024**3
+REMAT_SEARCH = stack.REMAT_POLICIES  # What --find-max-batch tries by default.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,9 +104,15 @@ def tpu_devices(topology: str) -> list[Any]:
     try:
         return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
     except Exception as err:  # noqa: BLE001 - libtpu missing or the name unknown: say which
+        hint = "is libtpu installed (pip install -e '.[tpu]')?"
+        if "lockfile" in str(err):  # One libtpu per machine unless told otherwise.
+            hint = (
+                "another process holds libtpu (a second compile on this machine?): wait for it, "
+                "or set ALLOW_MULTIPLE_LIBTPU_LOAD=1 where no TPU is attached"
+            )
         raise RuntimeError(
             f"cannot describe TPU topology {topology!r} ({type(err).__name__}: "
-            f"{str(err).splitlines()[0][:200]}); is libtpu installed (pip install -e '.[tpu]')?"
+            f"{str(err).splitlines()[0][:200]}); {hint}"
         ) from err
 
 
@@ -262,6 +271,13 @@ def read_experiment(files: Sequence[str], bindings: Sequence[str], remat: str | 
         lengths=lengths,
         grad_accum_steps=accum,
     )
+
+
+def own_remat(experiment: Experiment) -> str | None:
+    """The remat policy both stacks of the experiment run under (None where they differ)."""
+    config = experiment.model.config
+    decoder, encoder = config.decoder.remat, config.encoder.remat
+    return stack.canonical_remat(decoder) if decoder == encoder else None
 
 
 def abstract_batch(lengths: dict[str, int], batch_size: int, config: Any) -> dict[str, Any]:
@@ -497,16 +513,17 @@ def find_max_batch(
     topology: str,
     built: Compiled | None = None,
     checks: int = 2,
+    start: int | None = None,
 ) -> int:
     """The largest global batch (a multiple of data x fsdp x grad_accum_steps) whose step fits
     in HBM, from up to `checks` + 1 compiles; 0 if even one unit does not fit.
 
-    The first compile (`built`, or one at a unit) gives the memory that does not grow with the
-    batch (total - temporaries) and the temporaries per example; taking the temporaries as
-    proportional to the batch over-estimates their growth, so the prediction errs low
-    (`checks=0` returns it unchecked). A second compile checks it (stepping down by a tenth
-    until one fits); with `checks=2` the line through the two measured sizes predicts again,
-    and a third compile checks that.
+    The first compile (`built`, or one at `start` rounded down to a unit, or at one unit) gives
+    the memory that does not grow with the batch (total - temporaries) and the temporaries per
+    example; taking the temporaries as proportional to the batch over-estimates their growth,
+    so the prediction errs low (`checks=0` returns it unchecked). A second compile checks it
+    (stepping down by a tenth until one fits); with `checks=2` the line through the two
+    measured sizes predicts again, and a third compile checks that.
     """
     mesh = partitioning.create_mesh(devices=devices)
     unit = math.prod(mesh.shape[a] for a in partitioning.BATCH_AXES)
@@ -521,7 +538,7 @@ def find_max_batch(
             print(f"  batch {batch}: {_gib(known[batch]['total'])} per chip", flush=True)
         return known[batch]["total"] <= hbm
 
-    first = built.batch_size if built else unit
+    first = built.batch_size if built else max(unit, (start or unit) // unit * unit)
     if not fits(first) and first == unit:
         return 0
     mem = known[first]
@@ -540,6 +557,29 @@ def find_max_batch(
         if better > guess and fits(better):
             guess = better
     return guess
+
+
+def max_batch_per_remat(
+    files: Sequence[str],
+    bindings: Sequence[str],
+    topology: str,
+    remats: Sequence[str],
+    checks: int = 2,
+    known: dict[str, Compiled] | None = None,
+) -> dict[str, int]:
+    """`find_max_batch` under each remat policy in `remats` (set on both stacks): {policy: the
+    largest global batch that fits}. Each search starts from a compile at the config's batch
+    (or the one in `known[policy]`) and checks its prediction with `checks` more compiles."""
+    devices = tpu_devices(topology)
+    found = {}
+    for remat in remats:
+        experiment = read_experiment(files, bindings, remat)
+        built = (known or {}).get(remat)
+        found[remat] = find_max_batch(
+            experiment, devices, topology, built, checks, start=experiment.batch_size
+        )
+        print(f"  remat {remat}: largest global batch {found[remat]}", flush=True)
+    return found
 
 
 def compile_decode(
@@ -596,7 +636,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--gin_bindings", action="append", default=[])
     parser.add_argument("--topology", required=True, help='e.g. "v5e:2x4", "v5p:2x2x1"')
     parser.add_argument("--remat", default=None, help="override the config's remat policy")
-    parser.add_argument("--find-max-batch", action="store_true")
+    parser.add_argument(
+        "--find-max-batch",
+        action="store_true",
+        help="search the largest global batch that fits, under each of --search-remats",
+    )
+    parser.add_argument(
+        "--search-remats",
+        default=",".join(REMAT_SEARCH),
+        help="comma-separated remat policies for --find-max-batch (default: every policy)",
+    )
+    parser.add_argument(
+        "--max-batch-checks", type=int, default=2, help="checking compiles per policy (0: none)"
+    )
     parser.add_argument(
         "--decode-batch", type=int, default=0, help="also compile decoding for this many prompts"
     )
@@ -620,8 +672,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"compiled it unrolled (FLOPs) in {time.perf_counter() - started:.0f} s", flush=True)
     result = report(experiment, built, counting, args.topology, len(devices))
     if args.find_max_batch:
-        print("searching the largest global batch that fits:")
-        result["max_batch"] = find_max_batch(experiment, devices, args.topology, built)
+        print("searching the largest global batch that fits, per remat policy:")
+        remats = [r.strip() for r in args.search_remats.split(",") if r.strip()]
+        result["max_batch"] = max_batch_per_remat(
+            args.gin_file,
+            args.gin_bindings,
+            args.topology,
+            remats,
+            args.max_batch_checks,
+            known={own_remat(experiment): built},
+        )
     if args.decode_batch:
         frames = args.decode_frames or experiment.lengths["target_frames"]
         text = args.decode_text_tokens or experiment.lengths["decoder_input_tokens"]
@@ -631,7 +691,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     print_report(result)
     if "max_batch" in result:
-        print(f"largest global batch that fits: {result['max_batch']}")
+        found = ", ".join(f"{remat} {batch}" for remat, batch in result["max_batch"].items())
+        print(f"largest global batch that fits, per remat policy: {found}")
     if "decode" in result:
         print_decode_report(result["decode"], result["hbm_per_chip"])
     if args.json:

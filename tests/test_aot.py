@@ -87,6 +87,8 @@ def test_tiny_experiment_compiles_for_a_v5e_slice_and_fits(capsys, tmp_path):
     scanned = [f"--gin.spectron.{c}_config.scan_layers=True" for c in ("decoder", "conformer")]
     args = ["--gin_file=gin/spectron_tiny.gin", "--topology=v5e:2x4", f"--json={out}"]
     args += ["--decode-batch=8", "--decode-frames=64"]
+    # The search under two policies: the run's own ("none", its compile reused) and "full".
+    args += ["--find-max-batch", "--search-remats=none,full", "--max-batch-checks=0"]
     try:
         code = aot.main(args + scanned)
     finally:
@@ -102,6 +104,9 @@ def test_tiny_experiment_compiles_for_a_v5e_slice_and_fits(capsys, tmp_path):
     # (4.58M, gin/models/tiny.gin) once, times 2 (8 - 1) / 8 sent per byte.
     assert r["collective_bytes_per_chip"]["all-reduce"] >= 4 * 4.5e6 * 1.75
     assert r["largest_arrays"][0]["path"].startswith(".params['decoder']['layers']")
+    # Recomputing every block leaves fewer temporaries per example: a larger batch fits.
+    assert r["max_batch"]["full"] > r["max_batch"]["none"] >= 32
+    assert "per remat policy: none " in printed
     # Decoding compiled for the slice: every (replicated, float32) parameter is an argument.
     decode = r["decode"]
     assert decode["fits"] and decode["frames"] == 64
@@ -145,6 +150,42 @@ def test_find_max_batch_predicts_from_one_compile_and_checks_with_another(monkey
     assert compiled_at == [4, 28, 52]  # The line through two sizes is exact here.
     built = fake_compile(experiment, devices, 400)  # Far too big: the search steps down.
     assert 0 < aot.find_max_batch(experiment, devices, "v5e:2x2", built) <= 52
+
+
+def test_the_search_per_remat_sets_each_policy_on_both_stacks(monkeypatch):
+    """Memory 2 GiB fixed + per example 0.5 GiB under "none", 0.125 under "full", on a 16 GiB
+    v5e chip: 28 and 112 examples fit. Each search starts at the config's batch (32)."""
+    compiled_at = []
+
+    def fake_compile(experiment, devices, batch):
+        config = experiment.model.config
+        assert config.decoder.remat == config.encoder.remat
+        compiled_at.append((config.decoder.remat, batch))
+        per_example = {"none": 0.5, "full": 0.125}[config.decoder.remat]
+        stats = types.SimpleNamespace(
+            argument_size_in_bytes=2 * aot.GiB,
+            output_size_in_bytes=0,
+            alias_size_in_bytes=0,
+            temp_size_in_bytes=per_example * batch * aot.GiB,
+            generated_code_size_in_bytes=0,
+        )
+        return aot.Compiled(None, types.SimpleNamespace(memory_analysis=lambda: stats), batch)
+
+    monkeypatch.setattr(aot, "compile_train_step", fake_compile)
+    monkeypatch.setattr(aot, "tpu_devices", lambda topology: jax.devices()[:4])
+    tiny = ["gin/spectron_tiny.gin"]
+    try:
+        found = aot.max_batch_per_remat(tiny, [], "v5e:2x2", ["none", "full"], checks=1)
+        assert found == {"none": 28, "full": 112}
+        # 32 does not fit under "none" (18 GiB): the prediction from it, checked, fits.
+        assert compiled_at == [("none", 32), ("none", 28), ("full", 32), ("full", 112)]
+        compiled_at.clear()
+        known = {"full": fake_compile(aot.read_experiment(tiny, [], "full"), None, 64)}
+        compiled_at.clear()
+        found = aot.max_batch_per_remat(tiny, [], "v5e:2x2", ["full"], checks=1, known=known)
+        assert found == {"full": 112} and compiled_at == [("full", 112)]
+    finally:
+        gin.clear_config()
 
 
 def test_the_1b_experiment_reads_with_its_slice_and_the_public_model_sizes():

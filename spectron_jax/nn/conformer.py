@@ -213,6 +213,36 @@ class _SelfAttention(nn.Module):
         return stack.tag(out, "attention_out")
 
 
+class _DepthwiseConv(nn.Module):
+    """Depthwise 1D convolution over time: x float[B, T, D] -> float[B, T, D].
+
+    The kernel is `nn.Conv`'s (`kernel` float[K, 1, D], so checkpoints and converters see the
+    same tree), but the product is a sum of K shifted elementwise products accumulated in
+    float32: one fused loop. XLA:CPU runs a grouped convolution through a generic loop nest
+    whose backward pass inside a scanned stack is ~40x slower (853 against 19 ms for two layers
+    at [4, 512, 128], K = 15); TPUs run a depthwise convolution on the vector units either way.
+    """
+
+    config: ConformerConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        taps = cfg.conv_kernel_size
+        kernel = self.param(
+            "kernel",
+            _init(nn.initializers.lecun_normal(), ("conv", None, "mlp")),
+            (taps, 1, x.shape[-1]),
+            jnp.dtype(cfg.param_dtype),
+        )
+        left = taps - 1 if cfg.causal_conv else taps // 2
+        padded = jnp.pad(x.astype(jnp.float32), ((0, 0), (left, taps - 1 - left), (0, 0)))
+        kernel = kernel.astype(jnp.dtype(cfg.dtype)).astype(jnp.float32)
+        length = x.shape[1]
+        out = sum(padded[:, j : j + length] * kernel[j, 0] for j in range(taps))
+        return out.astype(jnp.dtype(cfg.dtype))
+
+
 class _ConvModule(nn.Module):
     """norm -> pointwise (2D) + GLU -> mask -> depthwise -> norm -> act -> pointwise."""
 
@@ -229,19 +259,7 @@ class _ConvModule(nn.Module):
         x = x[..., 0, :] * nn.sigmoid(x[..., 1, :])
         # Zeroing padded frames here keeps them out of every valid frame's receptive field.
         x = x * mask[..., None].astype(x.dtype)
-        taps = cfg.conv_kernel_size
-        padding = [(taps - 1, 0)] if cfg.causal_conv else [(taps // 2, taps // 2)]
-        x = nn.Conv(
-            features=cfg.hidden_dim,
-            kernel_size=(taps,),
-            padding=padding,
-            feature_group_count=cfg.hidden_dim,
-            use_bias=False,
-            dtype=jnp.dtype(cfg.dtype),
-            param_dtype=jnp.dtype(cfg.param_dtype),
-            kernel_init=_init(nn.initializers.lecun_normal(), ("conv", None, "mlp")),
-            name="depthwise",
-        )(x)
+        x = _DepthwiseConv(cfg, name="depthwise")(x)
         x = _norm(cfg, "depthwise_norm")(x)
         x = ACTIVATIONS[cfg.activation](x)
         pointwise_out = _dense(

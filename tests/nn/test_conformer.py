@@ -225,3 +225,33 @@ def test_bad_config_and_inputs_fail_clearly():
         ConformerEncoder(TINY).apply(
             _params(TINY), jnp.zeros((1, 4, 7)), jnp.ones((1, 4), jnp.int32)
         )
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_depthwise_conv_equals_a_grouped_convolution(causal):
+    """The shifted-products depthwise convolution against `nn.Conv` (one group per channel) with
+    the same kernel, causal (left padding) and centred, outputs and gradients."""
+    from spectron_jax.nn.conformer import _DepthwiseConv
+
+    cfg = dataclasses.replace(TINY, conv_kernel_size=7, causal_conv=causal)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 19, 16))
+    ours = _DepthwiseConv(cfg)
+    params = ours.init(jax.random.PRNGKey(1), x)
+    padding = [(6, 0)] if causal else [(3, 3)]
+    conv = nn.Conv(16, (7,), padding=padding, feature_group_count=16, use_bias=False)
+    reference = {"params": {"kernel": nn.unbox(params["params"]["kernel"])}}
+    assert reference["params"]["kernel"].shape == (7, 1, 16)  # nn.Conv's own layout.
+
+    def loss(module, variables, x):
+        return jnp.sum(jnp.sin(module.apply(variables, x)))
+
+    np.testing.assert_allclose(ours.apply(params, x), conv.apply(reference, x), atol=1e-5)
+    g_ours = jax.grad(functools.partial(loss, ours), argnums=(0, 1))(params, x)
+    g_conv = jax.grad(functools.partial(loss, conv), argnums=(0, 1))(reference, x)
+    np.testing.assert_allclose(
+        nn.unbox(g_ours[0]["params"]["kernel"]), g_conv[0]["params"]["kernel"], atol=1e-5
+    )
+    np.testing.assert_allclose(g_ours[1], g_conv[1], atol=1e-5)
+    if causal:  # Output t sees inputs up to t only.
+        moved = x.at[:, 10:].set(0.0)
+        np.testing.assert_allclose(ours.apply(params, moved)[:, :10], ours.apply(params, x)[:, :10])
