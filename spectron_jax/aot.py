@@ -322,6 +322,24 @@ def compile_train_step(experiment: Experiment, devices: Sequence[Any], batch_siz
     return Compiled(tr, tr.compile_train_step(batch, rng), batch_size)
 
 
+def out_of_memory(err: Exception) -> bool:
+    """The TPU compiler refuses a program whose temporaries alone exceed HBM (where the total
+    does, it compiles and `memory` says so)."""
+    return isinstance(err, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(err)
+
+
+def try_compile_train_step(
+    experiment: Experiment, devices: Sequence[Any], batch_size: int
+) -> Compiled | None:
+    """`compile_train_step`, or None where the compiler ran out of HBM."""
+    try:
+        return compile_train_step(experiment, devices, batch_size)
+    except jax.errors.JaxRuntimeError as err:
+        if not out_of_memory(err):
+            raise
+        return None
+
+
 # ------------------------------------------------------------------------------------------------
 # The report.
 # ------------------------------------------------------------------------------------------------
@@ -534,12 +552,20 @@ def find_max_batch(
 
     def fits(batch: int) -> bool:
         if batch not in known:
-            known[batch] = memory(compile_train_step(experiment, devices, batch).compiled)
-            print(f"  batch {batch}: {_gib(known[batch]['total'])} per chip", flush=True)
-        return known[batch]["total"] <= hbm
+            compiled = try_compile_train_step(experiment, devices, batch)
+            known[batch] = memory(compiled.compiled) if compiled else None
+            size = _gib(known[batch]["total"]) if compiled else "refused by the compiler (HBM)"
+            print(f"  batch {batch}: {size} per chip", flush=True)
+        return known[batch] is not None and known[batch]["total"] <= hbm
 
     first = built.batch_size if built else max(unit, (start or unit) // unit * unit)
-    if not fits(first) and first == unit:
+    fits(first)
+    while known[first] is None:  # No memory figures to predict from: try half as many.
+        if first == unit:
+            return 0
+        first = max(unit, first // 2 // unit * unit)
+        fits(first)
+    if first == unit and not fits(first):
         return 0
     mem = known[first]
     per_example = mem["temporaries"] / first
@@ -629,6 +655,18 @@ def print_decode_report(d: dict[str, Any], hbm: float) -> None:
     )
 
 
+def search_max_batch(args: argparse.Namespace, known: dict[str, Compiled]) -> dict[str, int]:
+    """--find-max-batch: `max_batch_per_remat` over --search-remats, printed."""
+    print("searching the largest global batch that fits, per remat policy:")
+    remats = [r.strip() for r in args.search_remats.split(",") if r.strip()]
+    found = max_batch_per_remat(
+        args.gin_file, args.gin_bindings, args.topology, remats, args.max_batch_checks, known
+    )
+    listed = ", ".join(f"{remat} {batch}" for remat, batch in found.items())
+    print(f"largest global batch that fits, per remat policy: {listed}")
+    return found
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = train.rewrite_gin_args(list(sys.argv[1:] if argv is None else argv))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -659,7 +697,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     devices = tpu_devices(args.topology)
     experiment = read_experiment(args.gin_file, args.gin_bindings, args.remat)
     started = time.perf_counter()
-    built = compile_train_step(experiment, devices, experiment.batch_size)
+    built = try_compile_train_step(experiment, devices, experiment.batch_size)
+    if built is None:  # Its temporaries alone exceed HBM: no report to make, only the search.
+        print(
+            f"the train step at global batch {experiment.batch_size} DOES NOT FIT on "
+            f"{args.topology}: the compiler ran out of HBM for its temporaries"
+        )
+        if args.find_max_batch:
+            search_max_batch(args, {})
+        return 1
     print(f"compiled the train step in {time.perf_counter() - started:.0f} s", flush=True)
     scans = (
         experiment.model.config.decoder.scan_layers or experiment.model.config.encoder.scan_layers
@@ -672,16 +718,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"compiled it unrolled (FLOPs) in {time.perf_counter() - started:.0f} s", flush=True)
     result = report(experiment, built, counting, args.topology, len(devices))
     if args.find_max_batch:
-        print("searching the largest global batch that fits, per remat policy:")
-        remats = [r.strip() for r in args.search_remats.split(",") if r.strip()]
-        result["max_batch"] = max_batch_per_remat(
-            args.gin_file,
-            args.gin_bindings,
-            args.topology,
-            remats,
-            args.max_batch_checks,
-            known={own_remat(experiment): built},
-        )
+        result["max_batch"] = search_max_batch(args, {own_remat(experiment): built})
     if args.decode_batch:
         frames = args.decode_frames or experiment.lengths["target_frames"]
         text = args.decode_text_tokens or experiment.lengths["decoder_input_tokens"]
@@ -690,9 +727,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             experiment, decode, args.topology, len(devices), args.decode_batch, frames
         )
     print_report(result)
-    if "max_batch" in result:
-        found = ", ".join(f"{remat} {batch}" for remat, batch in result["max_batch"].items())
-        print(f"largest global batch that fits, per remat policy: {found}")
     if "decode" in result:
         print_decode_report(result["decode"], result["hbm_per_chip"])
     if args.json:

@@ -188,6 +188,59 @@ def test_the_search_per_remat_sets_each_policy_on_both_stacks(monkeypatch):
         gin.clear_config()
 
 
+def refusing_compile(compiled_at, refuse_above):
+    """A fake compile: 2 GiB fixed + 0.5 GiB per example, refused (as libtpu refuses) when the
+    temporaries alone exceed a 16 GiB chip's HBM, i.e. above 32 examples."""
+
+    def compile_train_step(experiment, devices, batch):
+        compiled_at.append(batch)
+        if batch > refuse_above:
+            raise jax.errors.JaxRuntimeError(
+                "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+                "temporaries exceeds available HBM"
+            )
+        stats = types.SimpleNamespace(
+            argument_size_in_bytes=2 * aot.GiB,
+            output_size_in_bytes=0,
+            alias_size_in_bytes=0,
+            temp_size_in_bytes=0.5 * batch * aot.GiB,
+            generated_code_size_in_bytes=0,
+        )
+        return aot.Compiled(None, types.SimpleNamespace(memory_analysis=lambda: stats), batch)
+
+    return compile_train_step
+
+
+def test_a_step_the_compiler_refuses_does_not_fit_and_the_search_goes_on(monkeypatch, capsys):
+    compiled_at = []
+    monkeypatch.setattr(aot, "compile_train_step", refusing_compile(compiled_at, 32))
+    monkeypatch.setattr(aot, "tpu_devices", lambda topology: jax.devices()[:4])
+    experiment = types.SimpleNamespace(grad_accum_steps=1)
+    devices = jax.devices()[:4]
+    # From 64 (refused): 32 compiles, and the prediction from it (28) is checked.
+    assert aot.find_max_batch(experiment, devices, "v5e:2x2", checks=1, start=64) == 28
+    assert compiled_at == [64, 32, 28]
+    compiled_at.clear()
+    args = ["--gin_file=gin/spectron_tiny.gin", "--topology=v5e:2x2", "--gin.BATCH_SIZE=64"]
+    args += ["--find-max-batch", "--search-remats=full", "--max-batch-checks=1"]
+    try:
+        assert aot.main(args) == 1
+    finally:
+        gin.clear_config()
+    printed = capsys.readouterr().out
+    assert "at global batch 64 DOES NOT FIT on v5e:2x2" in printed
+    assert "batch 64: refused by the compiler (HBM) per chip" in printed
+    assert "per remat policy: full 28" in printed
+
+    # A compile error that is not about memory is not taken for "does not fit".
+    def broken_compile(experiment, devices, batch):
+        raise jax.errors.JaxRuntimeError("INTERNAL: a compiler bug")
+
+    monkeypatch.setattr(aot, "compile_train_step", broken_compile)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+        aot.find_max_batch(experiment, devices, "v5e:2x2", start=8)
+
+
 def test_the_1b_experiment_reads_with_its_slice_and_the_public_model_sizes():
     try:
         experiment = aot.read_experiment(["gin/spectron_1b.gin"], [], None)
