@@ -3,15 +3,15 @@
     PYTHONPATH=. python scripts/aot_table.py --ref base=docs/aot/base_v5p64.json \\
         --ref 1b=docs/aot/1b_v5p8.json --out docs/aot/table.json
 
-Per row, one compile of the train step (`spectron_jax.aot`) at a per-device batch that fits
-(base 4, 1B 8), with the config's fsdp capped at the slice's device count and the data axis
-taking the rest: memory per device, collective bytes per step, and the largest batch predicted
-from that compile (`aot.find_max_batch` without its checking compiles: temporaries taken as
-proportional to the batch, so it errs low). FLOPs are read from each config's reference report
-(`--ref`, a full `python -m spectron_jax.aot --json` run, which also compiles the unrolled
-step): the compiled / model ratio is a property of the program, not of the slice, and the HBM
-bytes per device are scaled by the per-device batch. The roofline then uses each slice's chip
-figures (`aot.CHIPS`).
+Per row, one compile of the train step (`spectron_jax.aot`) under `full` remat, in one step
+(no accumulation) of a per-device batch that fits (base 4, 1B 8), with the config's fsdp capped
+at the slice's device count and the data axis taking the rest: memory per device, collective
+bytes per step, and the largest batch predicted from that compile (`aot.find_max_batch` without
+its checking compiles: temporaries taken as proportional to the batch, so it errs low). FLOPs
+are read from each config's reference report (`--ref`, a full `python -m spectron_jax.aot
+--json` run, which also compiles the unrolled step): the compiled / model ratio is a property
+of the program, not of the slice, and the HBM bytes per device are scaled by the per-device
+batch. The roofline then uses each slice's chip figures (`aot.CHIPS`).
 
 With `--remats=minimal,save_attention_proj,...` each row is instead one compile per policy (set on
 both stacks): memory per device at the row's batch and the largest batch predicted from it.
@@ -28,6 +28,7 @@ import gin
 from spectron_jax import aot
 
 CONFIGS = {"base": ("gin/spectron_base.gin", 4), "1b": ("gin/spectron_1b.gin", 8)}
+TABLE_REMAT = "full"  # The main table's policy (both stacks); --remats rows try others.
 TOPOLOGIES = ("v4:2x2x1", "v5e:2x4", "v5e:4x4", "v5p:2x2x1", "v6e:2x4")
 
 
@@ -37,7 +38,9 @@ def experiment_on(name: str, topology: str, extra: list[str], remat: str | None 
     gin_file, per_device = CONFIGS[name]
     devices = aot.tpu_devices(topology)
     n = len(devices)
-    bindings = [f"BATCH_SIZE={per_device * n}", "create_mesh.data=-1", *extra]
+    # One step of the whole batch (no accumulation): the row's memory is that batch's.
+    bindings = [f"BATCH_SIZE={per_device * n}", "create_mesh.data=-1", "train.grad_accum_steps=1"]
+    bindings += extra
     aot.read_experiment([gin_file], bindings, remat)
     fsdp = min(int(gin.query_parameter("create_mesh.fsdp")), n)
     bindings.append(f"create_mesh.fsdp={fsdp}")
@@ -63,7 +66,7 @@ def remat_row(name: str, topology: str, remat: str, extra: list[str]) -> dict:
 
 
 def row(name: str, topology: str, ref: dict, extra: list[str]) -> dict:
-    experiment, devices = experiment_on(name, topology, extra)
+    experiment, devices = experiment_on(name, topology, extra, TABLE_REMAT)
     n = len(devices)
     per_device = CONFIGS[name][1]
     started = time.perf_counter()

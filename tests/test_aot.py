@@ -250,7 +250,8 @@ def test_the_1b_experiment_reads_with_its_slice_and_the_public_model_sizes():
         gin.clear_config()
     config = experiment.model.config
     assert experiment.batch_size == 256 and fsdp == 4  # v5p-8: 4 chips, all on fsdp.
-    assert config.encoder_frozen and config.decoder.remat == "full"
+    assert config.encoder_frozen and config.decoder.remat == "minimal"
+    assert experiment.grad_accum_steps == 4  # 256 in micro-batches of 64 (16 per chip).
     assert (config.decoder.num_layers, config.decoder.d_model) == (26, 1152)  # Gemma 3 1B.
     assert experiment.lengths["target_frames"] == 2048
     assert len(sources) == 2  # The encoder and the decoder, each from its own checkpoint.
