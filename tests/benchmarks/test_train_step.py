@@ -150,7 +150,9 @@ def test_layout_scaling_keeps_total():
 
 @pytest.mark.slow
 def test_main_runs_every_config_small():
-    results = train_step.main(["--steps", "1", "--batch", "1", "--seq", "16"])
+    # 64 positions: at fewer, the optimizer's elementwise work per parameter (which XLA counts
+    # and the 6 N tokens formula does not) is no longer small against the matmuls (16: 1.2-1.4x).
+    results = train_step.main(["--steps", "1", "--batch", "1", "--seq", "64"])
     assert set(results) == set(train_step.ALL_CONFIGS)
     for r in results.values():
         assert np.isfinite(r.seconds) and 0.9 < r.compiled_flops / r.model_flops < 1.3
