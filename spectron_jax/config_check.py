@@ -234,10 +234,12 @@ def _model_problems() -> list[Problem]:
     """The model config as the run will build it: its dataclasses' own checks (a frame head
     that does not exist, a primer that is no multiple of the reduction factor, ...) name the
     field. Configs without a Spectron model (the recipe's first stages) have nothing to build."""
-    from spectron_jax import config as config_lib
-
     if "spectron.spectron_config()" not in gin.config_str():  # No `@spectron.spectron_config()`.
         return []
+    # Only now: the config names it, so the module is imported already. Importing it first
+    # would register its configurables after the config was locked (a run of another model).
+    from spectron_jax import config as config_lib
+
     try:
         config_lib.spectron_config()
     except (ValueError, TypeError) as err:
