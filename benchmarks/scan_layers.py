@@ -9,8 +9,8 @@ policy is measured and the best kept): by default the scanned one tries `save_do
 saved) and `full` (each block recomputed), the unrolled one `none` (everything kept). A scan's
 backward pass reads what the forward loop stacked per layer; under `none` that is every elementwise
 intermediate (written in the loop, read back later), where the unrolled step lets XLA fuse them
-away, so `none` is the slowest scanned policy; on XLA:CPU `full` wins at a few layers and
-`save_dots` from about eight.
+away, so `none` is the slowest scanned policy; on two CPU cores `full` won at every depth
+(docs/TPU.md).
 
 The model is `gin/models/tiny.gin` (its Gemma-3-style decoder: local and global layers mixed, so
 the scanned stack feeds a per-layer flag) with `--depths` decoder layers, on the embedded

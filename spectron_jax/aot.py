@@ -591,18 +591,21 @@ def max_batch_per_remat(
     topology: str,
     remats: Sequence[str],
     checks: int = 2,
-    known: dict[str, Compiled] | None = None,
+    known: dict[str | None, Compiled | None] | None = None,
 ) -> dict[str, int]:
     """`find_max_batch` under each remat policy in `remats` (set on both stacks): {policy: the
     largest global batch that fits}. Each search starts from a compile at the config's batch
-    (or the one in `known[policy]`) and checks its prediction with `checks` more compiles."""
+    (or the one in `known[policy]`; None there: the compiler refused the config's batch, so
+    from half of it) and checks its prediction with `checks` more compiles."""
     devices = tpu_devices(topology)
+    known = known or {}
     found = {}
     for remat in remats:
         experiment = read_experiment(files, bindings, remat)
-        built = (known or {}).get(remat)
+        refused = remat in known and known[remat] is None
+        start = experiment.batch_size // 2 if refused else experiment.batch_size
         found[remat] = find_max_batch(
-            experiment, devices, topology, built, checks, start=experiment.batch_size
+            experiment, devices, topology, known.get(remat), checks, start=start
         )
         print(f"  remat {remat}: largest global batch {found[remat]}", flush=True)
     return found
@@ -655,7 +658,9 @@ def print_decode_report(d: dict[str, Any], hbm: float) -> None:
     )
 
 
-def search_max_batch(args: argparse.Namespace, known: dict[str, Compiled]) -> dict[str, int]:
+def search_max_batch(
+    args: argparse.Namespace, known: dict[str | None, Compiled | None]
+) -> dict[str, int]:
     """--find-max-batch: `max_batch_per_remat` over --search-remats, printed."""
     print("searching the largest global batch that fits, per remat policy:")
     remats = [r.strip() for r in args.search_remats.split(",") if r.strip()]
@@ -704,7 +709,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{args.topology}: the compiler ran out of HBM for its temporaries"
         )
         if args.find_max_batch:
-            search_max_batch(args, {})
+            search_max_batch(args, {own_remat(experiment): None})
         return 1
     print(f"compiled the train step in {time.perf_counter() - started:.0f} s", flush=True)
     scans = (

@@ -222,7 +222,7 @@ def test_a_step_the_compiler_refuses_does_not_fit_and_the_search_goes_on(monkeyp
     assert compiled_at == [64, 32, 28]
     compiled_at.clear()
     args = ["--gin_file=gin/spectron_tiny.gin", "--topology=v5e:2x2", "--gin.BATCH_SIZE=64"]
-    args += ["--find-max-batch", "--search-remats=full", "--max-batch-checks=1"]
+    args += ["--remat=full", "--find-max-batch", "--search-remats=full", "--max-batch-checks=1"]
     try:
         assert aot.main(args) == 1
     finally:
@@ -231,6 +231,8 @@ def test_a_step_the_compiler_refuses_does_not_fit_and_the_search_goes_on(monkeyp
     assert "at global batch 64 DOES NOT FIT on v5e:2x2" in printed
     assert "batch 64: refused by the compiler (HBM) per chip" in printed
     assert "per remat policy: full 28" in printed
+    # The search under the run's own policy does not compile the refused batch again.
+    assert compiled_at == [64, 32, 28]
 
     # A compile error that is not about memory is not taken for "does not fit".
     def broken_compile(experiment, devices, batch):
